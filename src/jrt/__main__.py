@@ -1,0 +1,5 @@
+import sys
+
+from jrt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,110 @@
+"""Input validation shared by the operators: every problem is a ``ValueError`` that names it."""
+
+from __future__ import annotations
+
+import torch
+
+IMPLS = ("auto", "reference", "chunk", "recurrent", "triton")
+
+
+def check_float(name: str, x: object, dims: int) -> torch.Tensor:
+    if not torch.is_tensor(x):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor (float32, float64, bfloat16...), got {x.dtype}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_same_dim: bool = True) -> None:
+    """``q, k: [B, T, H, F]``, ``v: [B, T, H, Dv]`` on one device."""
+    check_float("q", q, 4)
+    check_float("k", k, 4)
+    check_float("v", v, 4)
+    if qk_same_dim and q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape [B, T, H, F], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[:3] != v.shape[:3] or k.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            "q, k and v must agree on batch, length and heads [B, T, H, *], got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[1] < 1:
+        raise ValueError("sequences must hold at least one position (T >= 1)")
+    if q.shape[-1] < 1 or v.shape[-1] < 1:
+        raise ValueError(f"feature and value dimensions must be >= 1, got F={q.shape[-1]}, Dv={v.shape[-1]}")
+    if len({q.device, k.device, v.device}) != 1:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def check_mask(attention_mask: object, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """``[B, T]`` with 1 for tokens and 0 for padding; returned as a bool tensor on ``device``."""
+    if attention_mask is None:
+        return None
+    if not torch.is_tensor(attention_mask):
+        raise ValueError(f"attention_mask must be a tensor [B, T], got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(f"attention_mask must have shape [B, T] = {(batch, length)}, got {tuple(attention_mask.shape)}")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    elif attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    return attention_mask.to(device=device, dtype=torch.bool)
+
+
+def check_prefix_lengths(
+    prefix_lengths: object, batch: int, length: int, mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Per-sequence prefix lengths ``[B]`` (ints), each within ``0..(number of real tokens)``."""
+    if isinstance(prefix_lengths, int):
+        prefix_lengths = torch.full((batch,), prefix_lengths, dtype=torch.long)
+    elif isinstance(prefix_lengths, (list, tuple)):
+        prefix_lengths = torch.tensor(prefix_lengths, dtype=torch.long)
+    if not torch.is_tensor(prefix_lengths):
+        raise ValueError(f"prefix_lengths must be an int tensor [B], got {type(prefix_lengths).__name__}")
+    if prefix_lengths.is_floating_point() or prefix_lengths.dtype == torch.bool:
+        raise ValueError(f"prefix_lengths must be an integer tensor, got {prefix_lengths.dtype}")
+    if tuple(prefix_lengths.shape) != (batch,):
+        raise ValueError(f"prefix_lengths must have shape [B] = ({batch},), got {tuple(prefix_lengths.shape)}")
+    prefix_lengths = prefix_lengths.to(device=device, dtype=torch.long)
+    if bool((prefix_lengths < 0).any()):
+        raise ValueError(f"prefix lengths must be >= 0, got {prefix_lengths.tolist()}")
+    available = mask.sum(-1) if mask is not None else torch.full_like(prefix_lengths, length)
+    if bool((prefix_lengths > available).any()):
+        bad = [(b, int(m), int(n)) for b, (m, n) in enumerate(zip(prefix_lengths, available)) if m > n]
+        raise ValueError(
+            "prefix length larger than the sequence: "
+            + ", ".join(f"sequence {b}: prefix {m} > {n} tokens" for b, m, n in bad)
+        )
+    return prefix_lengths
+
+
+def check_state(
+    initial_state: object, batch: int, heads: int, dim: int, dv: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(S [B, H, D, Dv], z [B, H, D])``."""
+    if initial_state is None:
+        return None
+    if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+        raise ValueError("initial_state must be a pair (S [B, H, D, Dv], z [B, H, D])")
+    s, z = initial_state
+    check_float("initial_state S", s, 4)
+    check_float("initial_state z", z, 3)
+    if tuple(s.shape) != (batch, heads, dim, dv) or tuple(z.shape) != (batch, heads, dim):
+        raise ValueError(
+            f"initial_state must be S {(batch, heads, dim, dv)} and z {(batch, heads, dim)}, got "
+            f"S {tuple(s.shape)} and z {tuple(z.shape)}"
+        )
+    return s.to(device), z.to(device)
+
+
+def check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> str:
+    if impl not in allowed:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(allowed)}")
+    return impl
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 when any input is float64, else float32 (bfloat16/float16 inputs accumulate in float32)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -1,0 +1,347 @@
+"""Causal Based linear attention and JRT-RNN's prefix linear attention.
+
+Notation (DESIGN.md section 2): ``phi`` is the Taylor feature map, ``D = 1+F+F^2`` its dimension.
+
+``linear_attention``::
+
+    o_i = phi(q_i) . S_i / (phi(q_i) . z_i + eps)
+    S_i = S_0 + sum_{j<=i} phi(k_j) v_j^T,   z_i = z_0 + sum_{j<=i} phi(k_j)
+
+``prefix_linear_attention`` adds, for every position, the non-causal encoder sum over the first ``M_b``
+(real) tokens of sequence ``b``::
+
+    o_i = phi(q_i) . (S_i + S_enc) / (phi(q_i) . (z_i + z_enc) + eps)
+    S_enc = sum_{j<M_b} phi(ke_j) ve_j^T,   z_enc = sum_{j<M_b} phi(ke_j)
+
+It is computed as one encoder state per sequence followed by the causal pass started from it, so its cost
+is linear in T. Padded positions (``attention_mask == 0``) are removed from every sum *after* the feature
+map (``phi(0) != 0``), which is done by zeroing the padded rows of ``[v, 1]``.
+
+Three forms: ``reference`` (quadratic, explicit ``phi``), ``chunk`` (intra-chunk ``1 + s + s^2/2`` on
+``q . k``, inter-chunk state passing in the compressed feature space; linear in T) and ``recurrent`` (a
+token loop, the decoding form). All accumulate in float32 (float64 for float64 inputs) and exchange the
+state ``(S [B, H, D, Dv], z [B, H, D])`` in float32 with the full map's ``D``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from jrt.ops._checks import (
+    check_float,
+    check_impl,
+    check_mask,
+    check_prefix_lengths,
+    check_qkv,
+    check_state,
+    compute_dtype,
+)
+from jrt.ops.feature_map import compress_state, expand_state, feature_dim, taylor_feature_map, taylor_kernel
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+#: Environment variable that forces the implementation chosen by ``impl="auto"`` (e.g. ``chunk``).
+IMPL_ENV = "JRT_OPS_IMPL"
+#: Chunk length of the chunked form, and the number of tokens processed per vectorised segment (bounds
+#: the working memory to ``O(segment * D)`` whatever the sequence length).
+CHUNK_SIZE = 64
+SEGMENT_SIZE = 2048
+
+
+# --------------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------------
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels (``jrt.ops.triton``) import."""
+    try:
+        import jrt.ops.triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the installation
+        return False
+    return True
+
+
+def resolve_impl(impl: str, device: torch.device, length: int) -> str:
+    """The implementation that ``impl`` stands for on ``device`` for a sequence of ``length`` tokens.
+
+    ``auto`` honours ``JRT_OPS_IMPL`` when set; otherwise it takes Triton on CUDA when it imports, the
+    token loop for single tokens (decoding), and the chunked form everywhere else.
+    """
+    check_impl(impl)
+    if impl != "auto":
+        return impl
+    forced = os.environ.get(IMPL_ENV, "").strip()
+    if forced and forced != "auto":
+        return check_impl(forced)
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    return "recurrent" if length == 1 else "chunk"
+
+
+# --------------------------------------------------------------------------------------------------
+# internal layout: [B, H, T, *] in the compute dtype, values augmented with a ones column
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_bhtd(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype).transpose(1, 2)
+
+
+def _augment(v: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``[B, H, T, Dv] -> [B, H, T, Dv+1]``: append the ones column of the denominator, zero dropped rows."""
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    if keep is not None:
+        v1 = v1 * keep[:, None, :, None].to(v1.dtype)
+    return v1
+
+
+def _pack_state(state: State | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``(S [B,H,D,Dv], z [B,H,D]) -> [B, H, D, Dv+1]``."""
+    if state is None:
+        return None
+    s, z = state
+    return torch.cat([s.to(dtype), z.to(dtype).unsqueeze(-1)], dim=-1)
+
+
+def _unpack_state(packed: torch.Tensor) -> State:
+    # float32 state for float32/bfloat16 inputs, float64 for float64 inputs (compute dtype either way)
+    return packed[..., :-1], packed[..., -1]
+
+
+def _normalise(o1: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """``[B, H, T, Dv+1] -> [B, T, H, Dv]``: numerator over denominator."""
+    o = o1[..., :-1] / (o1[..., -1:] + eps)
+    return o.transpose(1, 2).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# the three forms of the causal core, on [B, H, T, *]
+# --------------------------------------------------------------------------------------------------
+
+
+def _causal_reference(q, k, v1, state0):
+    """Quadratic form with the explicit full feature map. Returns ``(o1, packed state)``."""
+    phi_q, phi_k = taylor_feature_map(q), taylor_feature_map(k)
+    t = q.shape[-2]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    scores = (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    o1 = scores @ v1
+    state = phi_k.transpose(-1, -2) @ v1
+    if state0 is not None:
+        o1 = o1 + phi_q @ state0
+        state = state + state0
+    return o1, state
+
+
+def _causal_recurrent(q, k, v1, state0):
+    """Token loop with the full feature map: the decoding form."""
+    b, h, t, f = q.shape
+    state = state0.clone() if state0 is not None else q.new_zeros(b, h, feature_dim(f), v1.shape[-1])
+    phi_q, phi_k = taylor_feature_map(q), taylor_feature_map(k)
+    outputs = []
+    for i in range(t):
+        state = state + phi_k[:, :, i, :, None] * v1[:, :, i, None, :]
+        outputs.append((phi_q[:, :, i, None, :] @ state).squeeze(-2))
+    return torch.stack(outputs, dim=2), state
+
+
+def _causal_chunk(q, k, v1, state0, chunk_size: int = CHUNK_SIZE, segment_size: int = SEGMENT_SIZE):
+    """Chunked form, linear in T. Intra-chunk: ``tril(1 + s + s^2/2) @ [v, 1]``; inter-chunk: state passing
+    with the compressed map (``D = 1+F+F(F+1)/2``), vectorised over the chunks of each segment."""
+    b, h, t, f = q.shape
+    c = min(chunk_size, t)
+    pad = (-t) % c
+    if pad:
+        # zero rows of [v, 1] add nothing to any sum; the padded outputs are cut off below
+        q, k, v1 = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v1))
+    total = t + pad
+    scale = 1.0 / math.sqrt(f)
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    state = compress_state(state0, f) if state0 is not None else None
+    seg = max(c, (segment_size // c) * c)
+    outputs = []
+    for start in range(0, total, seg):
+        stop = min(start + seg, total)
+        n = (stop - start) // c
+        qs = q[:, :, start:stop].unflatten(2, (n, c))
+        ks = k[:, :, start:stop].unflatten(2, (n, c))
+        vs = v1[:, :, start:stop].unflatten(2, (n, c))
+        # intra-chunk: the Taylor kernel on q.k directly, no feature map needed
+        scores = taylor_kernel((qs @ ks.transpose(-1, -2)) * scale).masked_fill(~causal, 0.0)
+        o1 = scores @ vs
+        # inter-chunk: exclusive prefix sum of the per-chunk states
+        phi_k = taylor_feature_map(ks, compressed=True)
+        chunk_states = phi_k.transpose(-1, -2) @ vs  # [B, H, n, Dc, Dv+1]
+        running = chunk_states.cumsum(dim=2)
+        before = torch.cat([torch.zeros_like(running[:, :, :1]), running[:, :, :-1]], dim=2)
+        if state is not None:
+            before = before + state.unsqueeze(2)
+        phi_q = taylor_feature_map(qs, compressed=True)
+        o1 = o1 + phi_q @ before
+        last = running[:, :, -1]
+        state = last if state is None else state + last
+        outputs.append(o1.flatten(2, 3))
+    o1 = torch.cat(outputs, dim=2)[:, :, :t]
+    return o1, expand_state(state, f)
+
+
+_CAUSAL_FORMS = {"reference": _causal_reference, "recurrent": _causal_recurrent, "chunk": _causal_chunk}
+
+
+def _encoder_state(k_enc, v1_enc, impl: str):
+    """``sum_j phi(ke_j) [ve_j, 1]^T`` over the rows kept in ``v1_enc``: ``[B, H, D, Dv+1]`` (full D)."""
+    f = k_enc.shape[-1]
+    if impl == "chunk":
+        total = None
+        for start in range(0, k_enc.shape[-2], SEGMENT_SIZE):
+            part = taylor_feature_map(k_enc[:, :, start : start + SEGMENT_SIZE], compressed=True)
+            part = part.transpose(-1, -2) @ v1_enc[:, :, start : start + SEGMENT_SIZE]
+            total = part if total is None else total + part
+        return expand_state(total, f)
+    return taylor_feature_map(k_enc).transpose(-1, -2) @ v1_enc
+
+
+def _run_triton(name: str, *args, **kwargs):
+    if not triton_available():
+        raise ValueError(
+            "impl='triton' needs the Triton kernels (pip install 'just-read-twice[triton]' and a CUDA device, "
+            "or TRITON_INTERPRET=1 for CPU tensors)"
+        )
+    import jrt.ops.triton as kernels
+
+    return getattr(kernels, name)(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# public operators
+# --------------------------------------------------------------------------------------------------
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    eps: float = 1e-6,
+    attention_mask: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, State | None]:
+    """Causal, normalised Based linear attention with the Taylor feature map applied inside.
+
+    Args:
+        q, k: ``[B, T, H, F]`` raw query/key projections.
+        v: ``[B, T, H, Dv]`` values.
+        initial_state: ``(S [B, H, D, Dv], z [B, H, D])`` carried over from the previous part of the
+            sequences (``D = 1+F+F^2``); running two halves with state handoff equals running the whole.
+        output_final_state: also return the state after the last position.
+        eps: added to the denominator.
+        attention_mask: ``[B, T]``, 1 for tokens and 0 for padding (left or right); padded positions add
+            nothing to any sum (their own outputs are meaningless).
+        impl: ``"reference"`` (quadratic), ``"chunk"`` (linear in T), ``"recurrent"`` (token loop),
+            ``"triton"`` (GPU kernels) or ``"auto"``.
+
+    Returns:
+        ``(o, state)``: ``o [B, T, H, Dv]`` in ``v``'s dtype; ``state = (S, z)`` in float32 (float64 for
+        float64 inputs), or None when ``output_final_state`` is False.
+    """
+    check_qkv(q, k, v)
+    b, t, h, f = q.shape
+    dv = v.shape[-1]
+    impl = resolve_impl(impl, q.device, t)
+    mask = check_mask(attention_mask, b, t, q.device)
+    state0 = check_state(initial_state, b, h, feature_dim(f), dv, q.device)
+    if impl == "triton":
+        return _run_triton(
+            "linear_attention", q, k, v, initial_state=state0, output_final_state=output_final_state,
+            eps=eps, attention_mask=mask,
+        )
+    dtype = compute_dtype(q, k, v)
+    qh, kh = _to_bhtd(q, dtype), _to_bhtd(k, dtype)
+    v1 = _augment(_to_bhtd(v, dtype), mask)
+    o1, state = _CAUSAL_FORMS[impl](qh, kh, v1, _pack_state(state0, dtype))
+    return _normalise(o1, eps, v.dtype), (_unpack_state(state) if output_final_state else None)
+
+
+def prefix_positions(prefix_lengths: torch.Tensor, length: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T]`` bool: the positions that belong to each sequence's prefix (its first ``M_b`` real tokens)."""
+    if mask is None:
+        index = torch.arange(length, device=prefix_lengths.device).expand(prefix_lengths.shape[0], length)
+        return index < prefix_lengths[:, None]
+    index = mask.long().cumsum(-1) - 1  # index among real tokens
+    return mask & (index < prefix_lengths[:, None])
+
+
+def prefix_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_enc: torch.Tensor,
+    v_enc: torch.Tensor,
+    prefix_lengths: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    eps: float = 1e-6,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, State | None]:
+    """JRT-RNN's prefix linear attention: the causal pass plus a non-causal read of each prefix.
+
+    Args:
+        q, k: ``[B, T, H, F]`` decoder query/key projections; ``v``: ``[B, T, H, Dv]``.
+        k_enc, v_enc: ``[B, T, H, F]`` and ``[B, T, H, Dv]``, the encoder projections at the same positions.
+        prefix_lengths: int ``[B]``, the prefix length ``M_b`` of each sequence counted in real tokens
+            (0 allowed: the op then equals :func:`linear_attention`).
+        attention_mask: ``[B, T]``, 1 = token, 0 = padding (left or right); pads add nothing to any sum.
+        initial_state: ``(S, z)`` from an earlier part of the sequences; the encoder sum of this call is
+            added to it.
+        output_final_state: return the decoding state ``(S_T + S_enc, z_T + z_enc)``.
+        eps: added to the shared denominator.
+        impl: as in :func:`linear_attention`.
+
+    Returns:
+        ``(o [B, T, H, Dv] in v's dtype, state or None)``.
+    """
+    check_qkv(q, k, v)
+    check_float("k_enc", k_enc, 4)
+    check_float("v_enc", v_enc, 4)
+    if k_enc.shape != k.shape or v_enc.shape != v.shape:
+        raise ValueError(
+            f"k_enc/v_enc must have the shapes of k/v, got k_enc {tuple(k_enc.shape)} vs k {tuple(k.shape)}, "
+            f"v_enc {tuple(v_enc.shape)} vs v {tuple(v.shape)}"
+        )
+    b, t, h, f = q.shape
+    dv = v.shape[-1]
+    impl = resolve_impl(impl, q.device, t)
+    mask = check_mask(attention_mask, b, t, q.device)
+    lengths = check_prefix_lengths(prefix_lengths, b, t, mask, q.device)
+    state0 = check_state(initial_state, b, h, feature_dim(f), dv, q.device)
+    if impl == "triton":
+        return _run_triton(
+            "prefix_linear_attention", q, k, v, k_enc, v_enc, lengths, attention_mask=mask,
+            initial_state=state0, output_final_state=output_final_state, eps=eps,
+        )
+    dtype = compute_dtype(q, k, v, k_enc, v_enc)
+    in_prefix = prefix_positions(lengths, t, mask)
+    packed0 = _pack_state(state0, dtype)
+    qh, kh = _to_bhtd(q, dtype), _to_bhtd(k, dtype)
+    v1 = _augment(_to_bhtd(v, dtype), mask)
+    if impl == "reference":
+        # the plain quadratic form: causal scores plus encoder scores masked to the prefix
+        phi_q = taylor_feature_map(qh)
+        ke, ve1 = _to_bhtd(k_enc, dtype), _augment(_to_bhtd(v_enc, dtype), in_prefix)
+        enc_scores = phi_q @ taylor_feature_map(ke).transpose(-1, -2)
+        o1, state = _causal_reference(qh, kh, v1, packed0)
+        o1 = o1 + enc_scores @ ve1
+        state = state + taylor_feature_map(ke).transpose(-1, -2) @ ve1
+    else:
+        enc = _encoder_state(_to_bhtd(k_enc, dtype), _augment(_to_bhtd(v_enc, dtype), in_prefix), impl)
+        start = enc if packed0 is None else packed0 + enc
+        o1, state = _CAUSAL_FORMS[impl](qh, kh, v1, start)
+    return _normalise(o1, eps, v.dtype), (_unpack_state(state) if output_final_state else None)

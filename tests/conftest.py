@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jrt.paths import data_dir
+
+
+@pytest.fixture
+def shared_data():
+    """The offline data folder; tests that need it skip cleanly when it is absent."""
+    path = data_dir()
+    if not path.is_dir():
+        pytest.skip(f"offline data folder not found: {path} (set JRT_DATA_DIR)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.manual_seed(0)
+    yield
