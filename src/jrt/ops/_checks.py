@@ -44,11 +44,10 @@ def check_mask(attention_mask: object, batch: int, length: int, device: torch.de
     if not torch.is_tensor(attention_mask):
         raise ValueError(f"attention_mask must be a tensor [B, T], got {type(attention_mask).__name__}")
     if tuple(attention_mask.shape) != (batch, length):
-        raise ValueError(f"attention_mask must have shape [B, T] = {(batch, length)}, got {tuple(attention_mask.shape)}")
-    if attention_mask.is_floating_point() or attention_mask.is_complex():
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-    elif attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(
+            f"attention_mask must have shape [B, T] = {(batch, length)}, got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
     return attention_mask.to(device=device, dtype=torch.bool)
 

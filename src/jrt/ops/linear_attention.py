@@ -39,7 +39,7 @@ from jrt.ops._checks import (
     check_state,
     compute_dtype,
 )
-from jrt.ops.feature_map import compress_state, expand_state, feature_dim, taylor_feature_map, taylor_kernel
+from jrt.ops.feature_map import feature_dim, taylor_feature_map
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -48,7 +48,7 @@ IMPL_ENV = "JRT_OPS_IMPL"
 #: Chunk length of the chunked form, and the number of tokens processed per vectorised segment (bounds
 #: the working memory to ``O(segment * D)`` whatever the sequence length).
 CHUNK_SIZE = 64
-SEGMENT_SIZE = 2048
+SEGMENT_SIZE = 8192
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,8 +114,12 @@ def _unpack_state(packed: torch.Tensor) -> State:
 
 def _normalise(o1: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     """``[B, H, T, Dv+1] -> [B, T, H, Dv]``: numerator over denominator."""
-    o = o1[..., :-1] / (o1[..., -1:] + eps)
-    return o.transpose(1, 2).to(out_dtype)
+    o1 = o1.transpose(1, 2)
+    den = o1[..., -1:] + eps
+    if o1.requires_grad:
+        return (o1[..., :-1] / den).to(out_dtype)
+    out = torch.empty(o1.shape[:-1] + (o1.shape[-1] - 1,), dtype=o1.dtype, device=o1.device)
+    return torch.div(o1[..., :-1], den, out=out).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,44 +153,110 @@ def _causal_recurrent(q, k, v1, state0):
     return torch.stack(outputs, dim=2), state
 
 
-def _causal_chunk(q, k, v1, state0, chunk_size: int = CHUNK_SIZE, segment_size: int = SEGMENT_SIZE):
-    """Chunked form, linear in T. Intra-chunk: ``tril(1 + s + s^2/2) @ [v, 1]``; inter-chunk: state passing
-    with the compressed map (``D = 1+F+F(F+1)/2``), vectorised over the chunks of each segment."""
+# The chunked form works in an internal, compressed feature space that is cheap to build per token:
+#   keys    phi_k(k) = [1, k', k'_a k'_b (a <= b)]  with k' = k / sqrt(F)   (1 + F + F(F+1)/2 rows),
+#   queries phi_q(q) = [1, q,  q_a q_b  (a <= b)],
+# and a state  U = sum_j w * phi_k(k_j) [v_j, 1]^T  whose diagonal rows (a == b) carry w = 1/2, so that
+# phi_q(q) . U reads exactly  sum_j (1 + s_j + s_j^2/2) [v_j, 1]  with  s_j = q.k_j / sqrt(F).
+# ``_to_internal`` / ``_to_canonical`` convert from / to the canonical state over the full map's D rows.
+
+
+def _features(x: torch.Tensor) -> torch.Tensor:
+    """``[..., F] -> [..., 1+F+F(F+1)/2]``: ``[1, x, x_a x_b (a <= b, row-major upper triangle)]``."""
+    f = x.shape[-1]
+    return torch.cat([torch.ones_like(x[..., :1]), x] + [x[..., a : a + 1] * x[..., a:] for a in range(f)], dim=-1)
+
+
+def _diagonal_weights(f: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """``[1+F+F(F+1)/2, 1]``: 1/2 on the rows of the squares ``x_a^2``, 1 elsewhere."""
+    rows, cols = torch.triu_indices(f, f)
+    w = torch.ones(1 + f + rows.numel(), dtype=dtype, device=device)
+    w[1 + f :][rows == cols] = 0.5
+    return w.unsqueeze(-1)
+
+
+def _to_internal(state: torch.Tensor, f: int) -> torch.Tensor:
+    """Canonical ``[..., 1+F+F^2, X]`` -> internal ``[..., 1+F+F(F+1)/2, X]`` with equal reads."""
+    rows, cols = (i.to(state.device) for i in torch.triu_indices(f, f))
+    quad = state[..., 1 + f :, :].unflatten(-2, (f, f))
+    upper, lower = quad[..., rows, cols, :], quad[..., cols, rows, :]
+    sym = torch.where((rows == cols).unsqueeze(-1), upper, upper + lower)
+    return torch.cat([state[..., :1, :], state[..., 1 : 1 + f, :] * f**-0.25, sym / math.sqrt(2.0 * f)], dim=-2)
+
+
+def _to_canonical(internal: torch.Tensor, f: int) -> torch.Tensor:
+    """Internal ``[..., 1+F+F(F+1)/2, X]`` -> canonical ``[..., 1+F+F^2, X]`` (the quadratic block symmetric)."""
+    rows, cols = (i.to(internal.device) for i in torch.triu_indices(f, f))
+    tri = internal[..., 1 + f :, :] * math.sqrt(2.0 * f)
+    tri = torch.where((rows == cols).unsqueeze(-1), tri, 0.5 * tri)
+    quad = internal.new_zeros(*internal.shape[:-2], f, f, internal.shape[-1])
+    quad[..., rows, cols, :] = tri
+    quad[..., cols, rows, :] = tri
+    lin = internal[..., 1 : 1 + f, :] * f**0.25
+    return torch.cat([internal[..., :1, :], lin, quad.flatten(-3, -2)], dim=-2)
+
+
+def _causal_chunk(q, k, v1, state0, chunk_size: int | None = None, segment_size: int | None = None):
+    """Chunked form, linear in T, on ``[B, H, T, *]``.
+
+    Intra-chunk: ``tril(1 + s + s^2/2) @ [v, 1]`` with ``s = q.k/sqrt(F)`` (no feature map needed);
+    inter-chunk: exclusive prefix sums of per-chunk states in the internal feature space above. The work is
+    vectorised over the chunks of one (sequence, head) pair and one segment of time at a time, so that every
+    operand is a contiguous block and the working memory is bounded by the segment, whatever B, H and T are.
+    """
     b, h, t, f = q.shape
-    c = min(chunk_size, t)
+    c = min(chunk_size or CHUNK_SIZE, t)
+    differentiable = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v1, state0) if x is not None)
     pad = (-t) % c
     if pad:
         # zero rows of [v, 1] add nothing to any sum; the padded outputs are cut off below
         q, k, v1 = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v1))
-    total = t + pad
-    scale = 1.0 / math.sqrt(f)
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    state = compress_state(state0, f) if state0 is not None else None
-    seg = max(c, (segment_size // c) * c)
-    outputs = []
-    for start in range(0, total, seg):
-        stop = min(start + seg, total)
-        n = (stop - start) // c
-        qs = q[:, :, start:stop].unflatten(2, (n, c))
-        ks = k[:, :, start:stop].unflatten(2, (n, c))
-        vs = v1[:, :, start:stop].unflatten(2, (n, c))
-        # intra-chunk: the Taylor kernel on q.k directly, no feature map needed
-        scores = taylor_kernel((qs @ ks.transpose(-1, -2)) * scale).masked_fill(~causal, 0.0)
-        o1 = scores @ vs
-        # inter-chunk: exclusive prefix sum of the per-chunk states
-        phi_k = taylor_feature_map(ks, compressed=True)
-        chunk_states = phi_k.transpose(-1, -2) @ vs  # [B, H, n, Dc, Dv+1]
-        running = chunk_states.cumsum(dim=2)
-        before = torch.cat([torch.zeros_like(running[:, :, :1]), running[:, :, :-1]], dim=2)
-        if state is not None:
-            before = before + state.unsqueeze(2)
-        phi_q = taylor_feature_map(qs, compressed=True)
-        o1 = o1 + phi_q @ before
-        last = running[:, :, -1]
-        state = last if state is None else state + last
-        outputs.append(o1.flatten(2, 3))
-    o1 = torch.cat(outputs, dim=2)[:, :, :t]
-    return o1, expand_state(state, f)
+    n_chunks, bh, dv1 = (t + pad) // c, b * h, v1.shape[-1]
+    q = q.reshape(bh, n_chunks, c, f).contiguous()
+    k = (k * f**-0.5).reshape(bh, n_chunks, c, f).contiguous()
+    v1 = v1.reshape(bh, n_chunks, c, dv1).contiguous()
+    weights = _diagonal_weights(f, q.dtype, q.device)
+    if state0 is not None:
+        states = _to_internal(state0.reshape(bh, -1, dv1), f)
+    else:
+        states = q.new_zeros(bh, feature_dim(f, compressed=True), dv1)
+    per_segment = max(1, (segment_size or SEGMENT_SIZE) // c)
+    outputs = None if differentiable else torch.empty_like(v1)
+    pieces, finals = [], []
+    for i in range(bh):
+        state = states[i]
+        for start in range(0, n_chunks, per_segment):
+            qc, kc, vc = (x[i, start : start + per_segment] for x in (q, k, v1))  # [n, C, *]
+            # intra-chunk: 1 + s + s^2/2 on the causal triangle
+            scores = qc @ kc.transpose(-1, -2)
+            scores = torch.addcmul(scores, scores, scores, value=0.5).add_(1.0).tril_()
+            if differentiable:
+                o1 = scores @ vc
+            else:
+                o1 = torch.matmul(scores, vc, out=outputs[i, start : start + per_segment])
+            # inter-chunk: per-chunk states, their exclusive prefix sums, read with the query features
+            chunk_states = _features(kc).transpose(-1, -2) @ vc  # [n, Dc, Dv+1]
+            if differentiable:
+                chunk_states = chunk_states * weights
+                before = torch.cat([state.unsqueeze(0), chunk_states[:-1]]).cumsum(dim=0)
+                state = before[-1] + chunk_states[-1]
+                o1 = o1 + _features(qc) @ before
+            else:
+                chunk_states.mul_(weights)
+                before = torch.empty_like(chunk_states)
+                running = state
+                for j in range(chunk_states.shape[0]):  # a loop of adds beats cumsum over a leading dim
+                    before[j] = running
+                    running = running + chunk_states[j]
+                state = running
+                o1.baddbmm_(_features(qc), before)
+            if differentiable:
+                pieces.append(o1)
+        finals.append(state)
+    if differentiable:
+        outputs = torch.cat(pieces).reshape(bh, n_chunks, c, dv1)
+    o1 = outputs.reshape(b, h, n_chunks * c, dv1)[:, :, :t]
+    return o1, _to_canonical(torch.stack(finals), f).reshape(b, h, -1, dv1)
 
 
 _CAUSAL_FORMS = {"reference": _causal_reference, "recurrent": _causal_recurrent, "chunk": _causal_chunk}
@@ -195,14 +265,15 @@ _CAUSAL_FORMS = {"reference": _causal_reference, "recurrent": _causal_recurrent,
 def _encoder_state(k_enc, v1_enc, impl: str):
     """``sum_j phi(ke_j) [ve_j, 1]^T`` over the rows kept in ``v1_enc``: ``[B, H, D, Dv+1]`` (full D)."""
     f = k_enc.shape[-1]
-    if impl == "chunk":
-        total = None
-        for start in range(0, k_enc.shape[-2], SEGMENT_SIZE):
-            part = taylor_feature_map(k_enc[:, :, start : start + SEGMENT_SIZE], compressed=True)
-            part = part.transpose(-1, -2) @ v1_enc[:, :, start : start + SEGMENT_SIZE]
-            total = part if total is None else total + part
-        return expand_state(total, f)
-    return taylor_feature_map(k_enc).transpose(-1, -2) @ v1_enc
+    if impl != "chunk":
+        return taylor_feature_map(k_enc).transpose(-1, -2) @ v1_enc
+    k_enc = k_enc * f**-0.5
+    total = None
+    for start in range(0, k_enc.shape[-2], SEGMENT_SIZE):
+        part = _features(k_enc[:, :, start : start + SEGMENT_SIZE]).transpose(-1, -2)
+        part = part @ v1_enc[:, :, start : start + SEGMENT_SIZE]
+        total = part if total is None else total + part
+    return _to_canonical(total * _diagonal_weights(f, total.dtype, total.device), f)
 
 
 def _run_triton(name: str, *args, **kwargs):

@@ -1,0 +1,329 @@
+"""``jrt bench prefill``: prefill throughput of JRT-Prompt and JRT-RNN against softmax attention.
+
+At each length T (as in the paper's operator benchmark: F = 16, head dim = Dv = 64):
+
+- ``sdpa``: causal ``scaled_dot_product_attention`` over T tokens (FlashAttention-2 on a GPU);
+- ``jrt_prompt``: causal :func:`jrt.ops.linear_attention` over 2T tokens (the prompt read twice);
+- ``jrt_rnn``: :func:`jrt.ops.prefix_linear_attention` over T tokens of which the first T/2 are the prefix.
+
+Times are medians of several runs after a warm-up, measured side by side in one process; the table gives the
+ratios ``sdpa / jrt_*`` and each method's achieved GFLOP/s next to a matrix multiply's, measured in the same
+run. Peak memory is the CUDA allocator's peak on a GPU and the growth of the resident set (sampled) on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from jrt.ops import linear_attention, prefix_linear_attention
+from jrt.ops.feature_map import feature_dim
+
+METHODS = ("sdpa", "jrt_prompt", "jrt_rnn")
+
+
+@dataclass
+class Row:
+    method: str
+    length: int
+    batch: int
+    heads: int
+    seconds: float
+    peak_mem_bytes: int | None
+    gflops: float
+
+
+# ------------------------------------------------------------------------------------------------ FLOP counts
+
+
+def sdpa_flops(batch: int, heads: int, length: int, head_dim: int) -> float:
+    """Causal softmax attention: ``QK^T`` and ``PV`` over the lower triangle (2 * 2 * T^2/2 * Dh per head)."""
+    return 2.0 * batch * heads * length * length * head_dim
+
+
+def linear_attention_flops(batch: int, heads: int, length: int, f: int, dv: int, chunk: int = 64) -> float:
+    """Causal linear attention in chunked form: intra-chunk ``QK^T`` and ``A [v, 1]`` plus the state update
+    and read in the compressed feature space (``D = 1+F+F(F+1)/2``)."""
+    d = feature_dim(f, compressed=True)
+    per_token = 2 * chunk * (f + dv + 1) + 4 * d * (dv + 1)
+    return float(batch * heads * length * per_token)
+
+
+def prefix_flops(batch: int, heads: int, length: int, prefix: int, f: int, dv: int, chunk: int = 64) -> float:
+    """Prefix linear attention: the encoder state over the prefix plus the causal pass."""
+    d = feature_dim(f, compressed=True)
+    return linear_attention_flops(batch, heads, length, f, dv, chunk) + 2.0 * batch * heads * prefix * d * (dv + 1)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+class _RssSampler:
+    """Peak growth of the resident set size while running, sampled every millisecond (Linux ``/proc``)."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.available = os.path.exists("/proc/self/statm")
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * self.page
+
+    def __enter__(self) -> _RssSampler:
+        if self.available:
+            self.base = self._rss()
+            self.peak = self.base
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        if self.available:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+
+    @property
+    def growth(self) -> int | None:
+        return self.peak - self.base if self.available else None
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> tuple[float, int | None]:
+    """Median seconds over ``repeats`` calls after ``warmup`` calls, and the peak memory of one call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for _ in range(repeats):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(stop) / 1000.0)
+        return statistics.median(times), torch.cuda.max_memory_allocated(device) - base
+    peak = None
+    for i in range(repeats):
+        if i == 0:
+            with _RssSampler() as sampler:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            peak = sampler.growth
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), peak
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """The device's matrix-multiply rate in this run: a ``size x size`` product, median of ``repeats``."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds, _ = time_call(lambda: a @ b, device, repeats, warmup=2)
+    return 2.0 * size**3 / seconds / 1e9
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+
+def run_prefill(
+    lengths: list[int],
+    *,
+    device: str = "cpu",
+    batch: int = 1,
+    heads: int = 16,
+    head_dim: int = 64,
+    feature: int = 16,
+    dtype: str | None = None,
+    methods: tuple[str, ...] = METHODS,
+    repeats: int = 3,
+    warmup: int = 1,
+    impl: str = "auto",
+    progress: Callable[[str], None] | None = print,
+) -> dict:
+    """Time every method at every length; returns ``{"rows": [...], "machine": {...}}``."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose among {', '.join(METHODS)}")
+    if any(t < 2 for t in lengths):
+        raise ValueError(f"lengths must be >= 2, got {lengths}")
+    torch_dtype = _parse_dtype(dtype, dev)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=dev, dtype=torch_dtype)
+
+    rows: list[Row] = []
+    for t in lengths:
+        for method in methods:
+            if method == "sdpa":
+                q, k, v = (randn(batch, heads, t, head_dim) for _ in range(3))
+                fn = _no_grad(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+                flops = sdpa_flops(batch, heads, t, head_dim)
+            elif method == "jrt_prompt":
+                q, k = randn(batch, 2 * t, heads, feature), randn(batch, 2 * t, heads, feature)
+                v = randn(batch, 2 * t, heads, head_dim)
+                fn = _no_grad(lambda q=q, k=k, v=v: linear_attention(q, k, v, impl=impl))
+                flops = linear_attention_flops(batch, heads, 2 * t, feature, head_dim)
+            else:
+                q, k, ke = (randn(batch, t, heads, feature) for _ in range(3))
+                v, ve = randn(batch, t, heads, head_dim), randn(batch, t, heads, head_dim)
+                lengths_b = torch.full((batch,), t // 2, dtype=torch.long, device=dev)
+                fn = _no_grad(lambda q=q, k=k, v=v, ke=ke, ve=ve, m=lengths_b: prefix_linear_attention(
+                    q, k, v, ke, ve, m, impl=impl))
+                flops = prefix_flops(batch, heads, t, t // 2, feature, head_dim)
+            seconds, peak = time_call(fn, dev, repeats, warmup)
+            rows.append(Row(method, t, batch, heads, seconds, peak, flops / seconds / 1e9))
+            if progress:
+                progress(f"  {method:<11} T={t:<6} {seconds * 1e3:10.1f} ms")
+            del fn, q, k, v
+    machine = _machine(dev, torch_dtype)
+    machine["matmul_gflops"] = matmul_gflops(dev, torch_dtype)
+    return {"rows": [asdict(r) for r in rows], "machine": machine,
+            "config": {"head_dim": head_dim, "feature_dim": feature, "dtype": str(torch_dtype), "impl": impl,
+                       "repeats": repeats, "warmup": warmup}}
+
+
+def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
+    def call() -> object:
+        with torch.no_grad():
+            return fn()
+
+    return call
+
+
+def _parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; choose among {', '.join(table)}")
+    return table[name]
+
+
+def _machine(device: torch.device, dtype: torch.dtype) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype)}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+    else:
+        info["name"] = _cpu_name()
+        info["cores"] = os.cpu_count()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def format_table(result: dict) -> str:
+    """The printed table: time, GFLOP/s, peak memory and the sdpa / jrt ratios per length."""
+    rows = result["rows"]
+    by = {(r["method"], r["length"]): r for r in rows}
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    lengths = sorted({r["length"] for r in rows})
+    head = f"{'T':>7} " + "".join(f"{m + ' ms':>14}{'GFLOP/s':>9}{'peak MB':>9}" for m in methods)
+    ratio_names = [m for m in methods if m != "sdpa"] if "sdpa" in methods else []
+    head += "".join(f"{'sdpa/' + m:>16}" for m in ratio_names)
+    lines = [head, "-" * len(head)]
+    for t in lengths:
+        line = f"{t:>7} "
+        for m in methods:
+            r = by.get((m, t))
+            if r is None:
+                line += f"{'-':>14}{'-':>9}{'-':>9}"
+                continue
+            mem = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.0f}"
+            line += f"{r['seconds'] * 1e3:>14.1f}{r['gflops']:>9.1f}{mem:>9}"
+        for m in ratio_names:
+            if (m, t) in by and ("sdpa", t) in by:
+                line += f"{by[('sdpa', t)]['seconds'] / by[(m, t)]['seconds']:>15.1f}x"
+        lines.append(line)
+    machine = result["machine"]
+    lines.append(f"matrix multiply in this run: {machine['matmul_gflops']:.1f} GFLOP/s ({machine['dtype']}, "
+                 f"{machine['name']}, {machine['threads']} threads)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def add_parser(bench: argparse._SubParsersAction) -> None:
+    parser = bench.add_parser(
+        "prefill",
+        help="prefill throughput: JRT-Prompt and JRT-RNN against softmax attention",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--lengths", default="1024,4096,16384,32768",
+                        help="comma-separated sequence lengths T (default: 1024,4096,16384,32768)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=64, help="head dim of sdpa and value dim Dv (default 64)")
+    parser.add_argument("--feature-dim", type=int, default=16, help="query/key feature dim F (default 16)")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--impl", default="auto", help="jrt.ops implementation (auto, chunk, triton...)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    for name in ("batch", "heads", "head_dim", "feature_dim", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    print(f"jrt bench prefill: device={args.device} B={args.batch} H={args.heads} Dh={args.head_dim} "
+          f"F={args.feature_dim} lengths={lengths}", flush=True)
+    result = run_prefill(lengths, device=args.device, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                         feature=args.feature_dim, dtype=args.dtype, methods=methods, repeats=args.repeats,
+                         warmup=args.warmup, impl=args.impl, progress=lambda s: print(s, flush=True))
+    print(format_table(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+__all__ = ["run_prefill", "format_table", "sdpa_flops", "linear_attention_flops", "prefix_flops"]

@@ -1,0 +1,326 @@
+"""jrt.ops: every fast form against the plain reference, state handoff, prefix semantics, padding, errors."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jrt.ops import (
+    compress_state,
+    expand_state,
+    feature_dim,
+    linear_attention,
+    prefix_linear_attention,
+    resolve_impl,
+    taylor_feature_map,
+    taylor_kernel,
+)
+
+la = importlib.import_module("jrt.ops.linear_attention")  # the module (jrt.ops.linear_attention is the function)
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_qkv(b, t, h, f, dv, dtype=torch.float64, seed=0, enc=False):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(b, t, h, f), (b, t, h, f), (b, t, h, dv)] + ([(b, t, h, f), (b, t, h, dv)] if enc else [])
+    return [torch.randn(*s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+@pytest.fixture
+def small_segments(monkeypatch):
+    """Small chunks and segments so that short test sequences cross several chunk and segment boundaries."""
+    monkeypatch.setattr(la, "CHUNK_SIZE", 16)
+    monkeypatch.setattr(la, "SEGMENT_SIZE", 48)
+
+
+# ------------------------------------------------------------------------------------------ feature map
+
+
+@pytest.mark.parametrize("f", [1, 4, 16])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_feature_map_gives_taylor_kernel(f, compressed):
+    q, k = torch.randn(7, f, dtype=torch.float64), torch.randn(7, f, dtype=torch.float64)
+    phi_q, phi_k = taylor_feature_map(q, compressed), taylor_feature_map(k, compressed)
+    assert phi_q.shape == (7, feature_dim(f, compressed))
+    expected = taylor_kernel((q * k).sum(-1) / f**0.5)
+    assert rel_err((phi_q * phi_k).sum(-1), expected) < 1e-13
+
+
+def test_feature_map_dims():
+    assert feature_dim(16) == 273 and feature_dim(16, compressed=True) == 153
+    assert taylor_feature_map(torch.randn(2, 3, 16)).shape == (2, 3, 273)
+    assert taylor_feature_map(torch.randn(2, 3, 16), compressed=True).shape == (2, 3, 153)
+
+
+def test_compressed_state_round_trip():
+    f = 5
+    k, v, q = torch.randn(9, f).double(), torch.randn(9, 3).double(), torch.randn(4, f).double()
+    full = taylor_feature_map(k).T @ v
+    small = compress_state(full, f)
+    assert rel_err(taylor_feature_map(q, True) @ small, taylor_feature_map(q) @ full) < 1e-13
+    assert rel_err(expand_state(small, f), full) < 1e-13
+
+
+def test_feature_map_rejects_integers():
+    with pytest.raises(ValueError, match="floating-point"):
+        taylor_feature_map(torch.ones(3, 4, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------ linear attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["chunk", "recurrent"])
+@pytest.mark.parametrize("t,h,f,dv", [(1, 2, 4, 3), (37, 1, 16, 8), (100, 3, 8, 5)])
+def test_linear_attention_matches_reference(small_segments, dtype, impl, t, h, f, dv):
+    q, k, v = make_qkv(2, t, h, f, dv, dtype, seed=t + h)
+    ref, (s_ref, z_ref) = linear_attention(q.double(), k.double(), v.double(), impl="reference",
+                                           output_final_state=True)
+    o, (s, z) = linear_attention(q, k, v, impl=impl, output_final_state=True)
+    assert o.dtype == dtype and o.shape == (2, t, h, dv)
+    assert s.shape == (2, h, feature_dim(f), dv) and z.shape == (2, h, feature_dim(f))
+    assert s.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert rel_err(o, ref) < TOL[dtype]
+    assert rel_err(s, s_ref) < TOL[dtype] and rel_err(z, z_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunk", "recurrent"])
+def test_state_handoff_equals_whole_sequence(small_segments, impl):
+    q, k, v = make_qkv(2, 90, 2, 8, 6, seed=3)
+    whole, (s_whole, z_whole) = linear_attention(q, k, v, impl=impl, output_final_state=True)
+    o1, state = linear_attention(q[:, :41], k[:, :41], v[:, :41], impl=impl, output_final_state=True)
+    o2, (s, z) = linear_attention(q[:, 41:], k[:, 41:], v[:, 41:], impl=impl, initial_state=state,
+                                  output_final_state=True)
+    assert rel_err(torch.cat([o1, o2], 1), whole) < 1e-10
+    assert rel_err(s, s_whole) < 1e-10 and rel_err(z, z_whole) < 1e-10
+
+
+def test_decoding_token_by_token_matches_prefill():
+    q, k, v = make_qkv(3, 20, 2, 4, 5, torch.float32, seed=5)
+    full, _ = linear_attention(q, k, v, impl="chunk")
+    out, state = [], None
+    for i in range(20):
+        o, state = linear_attention(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], initial_state=state,
+                                    output_final_state=True)
+        out.append(o)
+    assert rel_err(torch.cat(out, 1), full) < 1e-5
+
+
+def test_no_final_state_unless_asked():
+    q, k, v = make_qkv(1, 5, 1, 4, 4)
+    assert linear_attention(q, k, v)[1] is None
+
+
+# ------------------------------------------------------------------------------------------ prefix linear attention
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["chunk", "recurrent"])
+def test_prefix_matches_reference(small_segments, dtype, impl):
+    t = 70
+    q, k, v, ke, ve = make_qkv(4, t, 2, 8, 5, dtype, seed=11, enc=True)
+    lengths = torch.tensor([0, 1, 33, t])
+    args = [x.double() for x in (q, k, v, ke, ve)]
+    ref, (s_ref, z_ref) = prefix_linear_attention(*args, lengths, impl="reference", output_final_state=True)
+    o, (s, z) = prefix_linear_attention(q, k, v, ke, ve, lengths, impl=impl, output_final_state=True)
+    assert o.dtype == dtype
+    assert rel_err(o, ref) < TOL[dtype]
+    assert rel_err(s, s_ref) < TOL[dtype] and rel_err(z, z_ref) < TOL[dtype]
+
+
+def test_prefix_reference_is_the_formula():
+    """The reference itself, against a direct loop over positions of DESIGN.md's formula."""
+    q, k, v, ke, ve = make_qkv(1, 9, 1, 3, 2, seed=2, enc=True)
+    m, eps = 4, 1e-6
+    phi = taylor_feature_map
+    o, _ = prefix_linear_attention(q, k, v, ke, ve, torch.tensor([m]), impl="reference", eps=eps)
+    s_enc = sum(phi(ke[0, j, 0])[:, None] * ve[0, j, 0][None] for j in range(m))
+    z_enc = sum(phi(ke[0, j, 0]) for j in range(m))
+    for i in range(9):
+        s_i = sum(phi(k[0, j, 0])[:, None] * v[0, j, 0][None] for j in range(i + 1)) + s_enc
+        z_i = sum(phi(k[0, j, 0]) for j in range(i + 1)) + z_enc
+        expected = phi(q[0, i, 0]) @ s_i / (phi(q[0, i, 0]) @ z_i + eps)
+        assert rel_err(o[0, i, 0], expected) < 1e-12
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunk", "recurrent"])
+def test_prefix_zero_equals_linear_attention(impl):
+    q, k, v, ke, ve = make_qkv(2, 30, 2, 4, 3, seed=4, enc=True)
+    o, s = prefix_linear_attention(q, k, v, ke, ve, torch.zeros(2, dtype=torch.long), impl=impl,
+                                   output_final_state=True)
+    ref, s_ref = linear_attention(q, k, v, impl=impl, output_final_state=True)
+    assert rel_err(o, ref) < 1e-12 and rel_err(s[0], s_ref[0]) < 1e-12
+
+
+def test_prefix_state_is_decoding_state():
+    """Prefill with a prefix, then decode: the same as linear attention continuing from (S_T + S_enc)."""
+    q, k, v, ke, ve = make_qkv(2, 25, 2, 4, 3, seed=6, enc=True)
+    lengths = torch.tensor([10, 25])
+    _, state = prefix_linear_attention(q[:, :20], k[:, :20], v[:, :20], ke[:, :20], ve[:, :20],
+                                       lengths.clamp_max(20), output_final_state=True)
+    dec, _ = linear_attention(q[:, 20:], k[:, 20:], v[:, 20:], initial_state=state, impl="recurrent")
+    # the same positions computed by the reference over the whole sequence with the same prefix
+    ref, _ = prefix_linear_attention(q, k, v, ke, ve, lengths.clamp_max(20), impl="reference")
+    assert rel_err(dec, ref[:, 20:]) < 1e-12
+
+
+@pytest.mark.parametrize("impl", ["chunk", "recurrent"])
+def test_prefix_is_non_causal_inside_and_causal_after(impl):
+    t, m = 24, 10
+    q, k, v, ke, ve = make_qkv(1, t, 2, 4, 3, seed=8, enc=True)
+    lengths = torch.tensor([m])
+    base, _ = prefix_linear_attention(q, k, v, ke, ve, lengths, impl=impl)
+    for j in (3, m - 1):  # inside the prefix: earlier positions see the change
+        ke2, ve2 = ke.clone(), ve.clone()
+        ke2[:, j] += 1.0
+        ve2[:, j] += 1.0
+        out, _ = prefix_linear_attention(q, k, v, ke2, ve2, lengths, impl=impl)
+        assert (out[:, :j] - base[:, :j]).abs().max() > 1e-6
+    for j in (m, 17):  # after the prefix: no earlier position changes
+        k2, v2, ke2, ve2 = k.clone(), v.clone(), ke.clone(), ve.clone()
+        for x in (k2, v2, ke2, ve2):
+            x[:, j] += 1.0
+        out, _ = prefix_linear_attention(q, k2, v2, ke2, ve2, lengths, impl=impl)
+        assert torch.equal(out[:, :j], base[:, :j])
+        assert (out[:, j:] - base[:, j:]).abs().max() > 1e-6
+
+
+# ------------------------------------------------------------------------------------------ padding
+
+
+def _pad_batch(seqs, side):
+    """Stack [T_b, ...] tensors into a padded batch; padding holds large garbage so leaks would show."""
+    t = max(s.shape[0] for s in seqs)
+    out = torch.full((len(seqs), t, *seqs[0].shape[1:]), 7.0, dtype=seqs[0].dtype)
+    mask = torch.zeros(len(seqs), t, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(t - s.shape[0], t) if side == "left" else slice(0, s.shape[0])
+        out[b, sl], mask[b, sl] = s, 1
+    return out, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("impl", ["reference", "chunk", "recurrent"])
+def test_padded_batch_equals_single_sequences(small_segments, side, impl):
+    lengths, prefixes = [19, 40, 7], [5, 40, 0]
+    singles = [make_qkv(1, t, 2, 4, 3, seed=20 + t, enc=True) for t in lengths]
+    padded = [_pad_batch([s[i][0] for s in singles], side) for i in range(5)]
+    mask = padded[0][1]
+    tensors = [p[0] for p in padded]
+    o, state = prefix_linear_attention(*tensors, torch.tensor(prefixes), attention_mask=mask, impl=impl,
+                                       output_final_state=True)
+    o_causal, state_causal = linear_attention(*tensors[:3], attention_mask=mask, impl=impl,
+                                              output_final_state=True)
+    for b, (single, m) in enumerate(zip(singles, prefixes)):
+        keep = mask[b].bool()
+        ref, ref_state = prefix_linear_attention(*single, torch.tensor([m]), impl=impl, output_final_state=True)
+        assert rel_err(o[b, keep], ref[0]) < 1e-12
+        assert rel_err(state[0][b], ref_state[0][0]) < 1e-12 and rel_err(state[1][b], ref_state[1][0]) < 1e-12
+        ref_c, ref_c_state = linear_attention(*single[:3], impl=impl, output_final_state=True)
+        assert rel_err(o_causal[b, keep], ref_c[0]) < 1e-12
+        assert rel_err(state_causal[0][b], ref_c_state[0][0]) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------ gradients
+
+
+def test_gradcheck_chunked_linear_attention(small_segments):
+    q, k, v = make_qkv(1, 20, 1, 2, 2, seed=30)
+    s0 = torch.rand(1, 1, feature_dim(2), 2, dtype=torch.float64)
+    z0 = torch.rand(1, 1, feature_dim(2), dtype=torch.float64) + 1.0
+    inputs = [x.requires_grad_() for x in (q, k, v, s0, z0)]
+
+    def fn(q, k, v, s0, z0):
+        o, (s, z) = linear_attention(q, k, v, initial_state=(s0, z0), output_final_state=True, impl="chunk")
+        return o, s, z
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_gradcheck_chunked_prefix_linear_attention(small_segments):
+    q, k, v, ke, ve = make_qkv(2, 18, 1, 2, 2, seed=31, enc=True)
+    s0 = torch.rand(2, 1, feature_dim(2), 2, dtype=torch.float64)
+    z0 = torch.rand(2, 1, feature_dim(2), dtype=torch.float64) + 1.0
+    inputs = [x.requires_grad_() for x in (q, k, v, ke, ve, s0, z0)]
+    lengths = torch.tensor([5, 18])
+
+    def fn(q, k, v, ke, ve, s0, z0):
+        o, (s, z) = prefix_linear_attention(q, k, v, ke, ve, lengths, initial_state=(s0, z0),
+                                            output_final_state=True, impl="chunk")
+        return o, s, z
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+# ------------------------------------------------------------------------------------------ properties
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    b=st.integers(1, 3), t=st.integers(1, 80), h=st.integers(1, 3), f=st.integers(1, 6),
+    dv=st.integers(1, 5), data=st.data(),
+)
+def test_property_chunk_equals_reference(b, t, h, f, dv, data):
+    lengths = torch.tensor(data.draw(st.lists(st.integers(0, t), min_size=b, max_size=b)))
+    seed = data.draw(st.integers(0, 2**16))
+    q, k, v, ke, ve = make_qkv(b, t, h, f, dv, seed=seed, enc=True)
+    ref, s_ref = prefix_linear_attention(q, k, v, ke, ve, lengths, impl="reference", output_final_state=True)
+    o, s = prefix_linear_attention(q, k, v, ke, ve, lengths, impl="chunk", output_final_state=True)
+    assert rel_err(o, ref) < 1e-10 and rel_err(s[0], s_ref[0]) < 1e-10
+
+
+# ------------------------------------------------------------------------------------------ dispatch and errors
+
+
+def test_auto_dispatch(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(la.IMPL_ENV, raising=False)
+    assert resolve_impl("auto", cpu, 1000) == "chunk"
+    assert resolve_impl("auto", cpu, 1) == "recurrent"
+    assert resolve_impl("reference", cpu, 1000) == "reference"
+    monkeypatch.setenv(la.IMPL_ENV, "reference")
+    assert resolve_impl("auto", cpu, 1000) == "reference"
+    monkeypatch.setenv(la.IMPL_ENV, "bogus")
+    with pytest.raises(ValueError, match="unknown impl"):
+        resolve_impl("auto", cpu, 10)
+
+
+def _bad_calls():
+    q, k, v, ke, ve = make_qkv(2, 6, 2, 4, 3, torch.float32, enc=True)
+    d = feature_dim(4)
+    good_state = (torch.zeros(2, 2, d, 3), torch.zeros(2, 2, d))
+    return [
+        ("same shape", lambda: linear_attention(q, k[:, :, :1], v)),
+        ("agree on batch", lambda: linear_attention(q, k, v[:1])),
+        ("floating-point", lambda: linear_attention(q.long(), k, v)),
+        ("4 dimensions", lambda: linear_attention(q[0], k[0], v[0])),
+        ("initial_state must be", lambda: linear_attention(q, k, v, initial_state=(good_state[0][:, :, :5],
+                                                                                  good_state[1]))),
+        ("initial_state must be a pair", lambda: linear_attention(q, k, v, initial_state=good_state[0])),
+        ("unknown impl", lambda: linear_attention(q, k, v, impl="fast")),
+        ("larger than the sequence", lambda: prefix_linear_attention(q, k, v, ke, ve, torch.tensor([7, 1]))),
+        (">= 0", lambda: prefix_linear_attention(q, k, v, ke, ve, torch.tensor([-1, 1]))),
+        ("integer tensor", lambda: prefix_linear_attention(q, k, v, ke, ve, torch.tensor([1.0, 2.0]))),
+        ("shape \\[B\\]", lambda: prefix_linear_attention(q, k, v, ke, ve, torch.tensor([1, 2, 3]))),
+        ("k_enc/v_enc", lambda: prefix_linear_attention(q, k, v, ke[:, :3], ve, torch.tensor([1, 2]))),
+        ("attention_mask must have shape", lambda: linear_attention(q, k, v, attention_mask=torch.ones(2, 5))),
+        ("only 0", lambda: linear_attention(q, k, v, attention_mask=torch.full((2, 6), 2))),
+        ("larger than the sequence", lambda: prefix_linear_attention(
+            q, k, v, ke, ve, torch.tensor([4, 1]), attention_mask=torch.tensor([[0, 0, 0, 1, 1, 1]] * 2))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_input_raises_value_error(case):
+    match, call = _bad_calls()[case]
+    with pytest.raises(ValueError, match=match):
+        call()
