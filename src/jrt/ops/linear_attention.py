@@ -220,43 +220,53 @@ def _causal_chunk(q, k, v1, state0, chunk_size: int | None = None, segment_size:
         states = _to_internal(state0.reshape(bh, -1, dv1), f)
     else:
         states = q.new_zeros(bh, feature_dim(f, compressed=True), dv1)
-    per_segment = max(1, (segment_size or SEGMENT_SIZE) // c)
+    # blocks of G (sequence, head) pairs x n chunks: whole sequences of several heads when they are short,
+    # one head and a segment of time when they are long; every block is contiguous
+    budget = max(1, (segment_size or SEGMENT_SIZE) // c)
+    per_segment = min(n_chunks, budget)
+    group = max(1, budget // n_chunks) if per_segment == n_chunks else 1
     outputs = None if differentiable else torch.empty_like(v1)
     pieces, finals = [], []
-    for i in range(bh):
-        state = states[i]
+    for g0 in range(0, bh, group):
+        g1 = min(g0 + group, bh)
+        state = states[g0:g1]  # [G, Dc, Dv+1]
         for start in range(0, n_chunks, per_segment):
-            qc, kc, vc = (x[i, start : start + per_segment] for x in (q, k, v1))  # [n, C, *]
+            stop = min(start + per_segment, n_chunks)
+            qc, kc, vc = (x[g0:g1, start:stop] for x in (q, k, v1))  # [G, n, C, *]
             # intra-chunk: 1 + s + s^2/2 on the causal triangle
             scores = qc @ kc.transpose(-1, -2)
             scores = torch.addcmul(scores, scores, scores, value=0.5).add_(1.0).tril_()
             if differentiable:
                 o1 = scores @ vc
             else:
-                o1 = torch.matmul(scores, vc, out=outputs[i, start : start + per_segment])
+                o1 = torch.matmul(scores, vc, out=outputs[g0:g1, start:stop])
             # inter-chunk: per-chunk states, their exclusive prefix sums, read with the query features
-            chunk_states = _features(kc).transpose(-1, -2) @ vc  # [n, Dc, Dv+1]
+            chunk_states = _features(kc).transpose(-1, -2) @ vc  # [G, n, Dc, Dv+1]
             if differentiable:
                 chunk_states = chunk_states * weights
-                before = torch.cat([state.unsqueeze(0), chunk_states[:-1]]).cumsum(dim=0)
-                state = before[-1] + chunk_states[-1]
-                o1 = o1 + _features(qc) @ before
+                before = torch.cat([state.unsqueeze(1), chunk_states[:, :-1]], dim=1).cumsum(dim=1)
+                state = before[:, -1] + chunk_states[:, -1]
+                pieces.append(o1 + _features(qc) @ before)
             else:
                 chunk_states.mul_(weights)
                 before = torch.empty_like(chunk_states)
                 running = state
-                for j in range(chunk_states.shape[0]):  # a loop of adds beats cumsum over a leading dim
-                    before[j] = running
-                    running = running + chunk_states[j]
+                for j in range(chunk_states.shape[1]):  # a loop of adds beats cumsum over a leading dim
+                    before[:, j] = running
+                    running = running + chunk_states[:, j]
                 state = running
-                o1.baddbmm_(_features(qc), before)
-            if differentiable:
-                pieces.append(o1)
+                flat = (-1, c, dv1)
+                o1.view(flat).baddbmm_(_features(qc).view(-1, c, before.shape[-2]), before.view(-1, *before.shape[2:]))
         finals.append(state)
     if differentiable:
-        outputs = torch.cat(pieces).reshape(bh, n_chunks, c, dv1)
+        # pieces are ordered by head group, then by segment
+        rows = []
+        per_group = -(-n_chunks // per_segment)
+        for g in range(0, len(pieces), per_group):
+            rows.append(torch.cat(pieces[g : g + per_group], dim=1))
+        outputs = torch.cat(rows, dim=0)
     o1 = outputs.reshape(b, h, n_chunks * c, dv1)[:, :, :t]
-    return o1, _to_canonical(torch.stack(finals), f).reshape(b, h, -1, dv1)
+    return o1, _to_canonical(torch.cat(finals), f).reshape(b, h, -1, dv1)
 
 
 _CAUSAL_FORMS = {"reference": _causal_reference, "recurrent": _causal_recurrent, "chunk": _causal_chunk}
