@@ -313,6 +313,11 @@ def _main(args: argparse.Namespace) -> int:
     for name in ("batch", "heads", "head_dim", "feature_dim", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.device.startswith("cuda") and args.impl in ("auto", "triton"):
+        # the GPU benchmark: Triton kernels, sdpa on the flash backend, flash-linear-attention, CUDA events
+        from jrt.bench.prefill_cuda import run_from_prefill_args
+
+        return run_from_prefill_args(args, lengths, methods)
     print(f"jrt bench prefill: device={args.device} B={args.batch} H={args.heads} Dh={args.head_dim} "
           f"F={args.feature_dim} lengths={lengths}", flush=True)
     result = run_prefill(lengths, device=args.device, batch=args.batch, heads=args.heads, head_dim=args.head_dim,

@@ -65,11 +65,11 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_impl(impl: str, device: torch.device, length: int) -> str:
-    """The implementation that ``impl`` stands for on ``device`` for a sequence of ``length`` tokens.
+def resolve_impl(impl: str, device: torch.device, length: int, feature: int | None = None) -> str:
+    """The implementation that ``impl`` stands for on ``device`` for ``length`` tokens of feature dim ``feature``.
 
-    ``auto`` honours ``JRT_OPS_IMPL`` when set; otherwise it takes Triton on CUDA when it imports, the
-    token loop for single tokens (decoding), and the chunked form everywhere else.
+    ``auto`` honours ``JRT_OPS_IMPL`` when set; otherwise it takes Triton on CUDA when it imports and supports
+    the feature dim, the token loop for single tokens (decoding), and the chunked form everywhere else.
     """
     check_impl(impl)
     if impl != "auto":
@@ -78,7 +78,10 @@ def resolve_impl(impl: str, device: torch.device, length: int) -> str:
     if forced and forced != "auto":
         return check_impl(forced)
     if device.type == "cuda" and triton_available():
-        return "triton"
+        import jrt.ops.triton as kernels
+
+        if feature is None or feature <= kernels.MAX_FEATURE_DIM:
+            return "triton"
     return "recurrent" if length == 1 else "chunk"
 
 
@@ -334,7 +337,7 @@ def linear_attention(
     check_qkv(q, k, v)
     b, t, h, f = q.shape
     dv = v.shape[-1]
-    impl = resolve_impl(impl, q.device, t)
+    impl = resolve_impl(impl, q.device, t, f)
     mask = check_mask(attention_mask, b, t, q.device)
     state0 = check_state(initial_state, b, h, feature_dim(f), dv, q.device)
     if impl == "triton":
@@ -399,7 +402,7 @@ def prefix_linear_attention(
         )
     b, t, h, f = q.shape
     dv = v.shape[-1]
-    impl = resolve_impl(impl, q.device, t)
+    impl = resolve_impl(impl, q.device, t, f)
     mask = check_mask(attention_mask, b, t, q.device)
     lengths = check_prefix_lengths(prefix_lengths, b, t, mask, q.device)
     state0 = check_state(initial_state, b, h, feature_dim(f), dv, q.device)

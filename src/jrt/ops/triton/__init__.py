@@ -15,7 +15,8 @@ The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (`
 set before this package is first imported; slow, for tests). On CUDA, the chunk kernels are autotuned over
 a few launch configurations (``JRT_TRITON_AUTOTUNE=0`` turns that off); bfloat16/float16 inputs use 16-bit
 tensor-core operands with float32 accumulation, float32 inputs exact float32 products, float64 inputs are
-computed in float32.
+computed in float32. The causal kernel comes in two state layouts (``state_layout="d_major"``, the
+default, or ``"v_major"``; ``JRT_TRITON_STATE_LAYOUT`` sets the default) that compute the same thing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import triton  # noqa: F401  (ImportError here when Triton is absent)
 
 from jrt.ops.triton._ops import (
     AUTOTUNE_ENV,
+    LAYOUT_ENV,
     MAX_FEATURE_DIM,
+    STATE_LAYOUTS,
     linear_attention,
     linear_attention_step,
     prefix_linear_attention,
@@ -32,7 +35,9 @@ from jrt.ops.triton._ops import (
 
 __all__ = [
     "AUTOTUNE_ENV",
+    "LAYOUT_ENV",
     "MAX_FEATURE_DIM",
+    "STATE_LAYOUTS",
     "linear_attention",
     "linear_attention_step",
     "prefix_linear_attention",

@@ -20,13 +20,18 @@ MAX_FEATURE_DIM = 32
 AUTOTUNE_ENV = "JRT_TRITON_AUTOTUNE"
 #: Shortest segment of the segmented causal pass (see :func:`linear_attention`).
 MIN_SEGMENT = 1024
+#: Environment variable: default ``state_layout`` of the causal kernel (``d_major`` or ``v_major``).
+LAYOUT_ENV = "JRT_TRITON_STATE_LAYOUT"
+STATE_LAYOUTS = {"d_major": "causal_fwd_kernel", "v_major": "causal_fwd_kernel_vmajor"}
 
 # (BT, BV, num_warps) tried on CUDA per kernel; the first one is the default without autotuning. They
-# were chosen by compiling for sm_90 offline (ptxas, no GPU at hand): the defaults use no local-memory
-# spills with bfloat16 inputs (F = 16). BT is the chunk length, BV the value columns of one program.
+# were chosen by compiling for sm_90 offline (Triton's ptxas, no GPU at hand): with bfloat16 inputs and
+# F = 16 the defaults spill at most 32 bytes per thread. BT is the chunk length, BV the value columns of one
+# program.
 _CUDA_CONFIGS = {
     "causal_fwd_kernel": ((16, 32, 8), (16, 16, 4), (32, 32, 8), (16, 64, 8)),
-    "chunk_state_kernel": ((32, 32, 8), (16, 32, 8), (16, 32, 4), (64, 32, 8)),
+    "causal_fwd_kernel_vmajor": ((16, 32, 8), (16, 16, 4), (32, 32, 8), (16, 32, 4), (16, 64, 8)),
+    "chunk_state_kernel": ((16, 32, 8), (32, 32, 8), (16, 32, 4), (64, 32, 8)),
 }
 _INTERPRET_CONFIG = (16, 32, 4)
 
@@ -117,8 +122,16 @@ def _segment_length(length: int, segments: int, multiple: int = 64) -> int:
     return triton.cdiv(triton.cdiv(length, segments), multiple) * multiple
 
 
-def _keep_bytes(keep: torch.Tensor | None) -> torch.Tensor | None:
-    return None if keep is None else keep.to(torch.int8).contiguous()
+def _state_layout(layout: str | None) -> str:
+    """The causal kernel for ``layout`` (default: ``$JRT_TRITON_STATE_LAYOUT``, else ``d_major``)."""
+    layout = layout or os.environ.get(LAYOUT_ENV, "").strip() or "d_major"
+    if layout not in STATE_LAYOUTS:
+        raise ValueError(f"unknown state_layout {layout!r}; choose one of {', '.join(STATE_LAYOUTS)}")
+    return STATE_LAYOUTS[layout]
+
+
+def _keep_bytes(keep: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if keep is None else keep.to(device=device, dtype=torch.int8).contiguous()
 
 
 def _chunk_states(
@@ -134,8 +147,8 @@ def _chunk_states(
     n = triton.cdiv(t, seg_len)
     s_out = torch.empty(n, b, h, d, dv, device=k.device, dtype=torch.float32)
     z_out = torch.empty(n, b, h, d, device=k.device, dtype=torch.float32)
-    keep8 = _keep_bytes(keep)
-    end32 = None if end is None else end.to(torch.int32).contiguous()
+    keep8 = _keep_bytes(keep, k.device)
+    end32 = None if end is None else end.to(device=k.device, dtype=torch.int32).contiguous()
     lowp, lowp_bf16 = _lowp(k, v)
     args = [
         k, v, keep8 if keep8 is not None else s_out, end32 if end32 is not None else s_out, s_out, z_out,
@@ -152,9 +165,10 @@ def _chunk_states(
 
 def _causal_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, init: State | None,
-    output_final_state: bool, eps: float, num_segments: int | None,
+    output_final_state: bool, eps: float, num_segments: int | None, state_layout: str | None = None,
 ) -> tuple[torch.Tensor, State | None]:
     """The causal pass from ``init`` (float32 ``(S, z)`` or None); float32/bfloat16/float16 inputs."""
+    kernel = _state_layout(state_layout)
     b, t, h, f = q.shape
     dv = v.shape[-1]
     d = feature_dim(f)
@@ -190,7 +204,7 @@ def _causal_forward(
             torch.empty(b, h, d, dv, device=q.device, dtype=torch.float32),
             torch.empty(b, h, d, device=q.device, dtype=torch.float32),
         )
-    keep8 = _keep_bytes(keep)
+    keep8 = _keep_bytes(keep, q.device)
     dummy = o
     lowp, lowp_bf16 = _lowp(q, k, v)
     args = [
@@ -205,7 +219,7 @@ def _causal_forward(
         BK=_block_k(f), HAS_KEEP=keep8 is not None, HAS_INIT=init is not None, STORE_FINAL=store_final,
         LOWP=lowp, LOWP_BF16=lowp_bf16,
     )
-    _launch("causal_fwd_kernel", lambda bv: (triton.cdiv(dv, bv), b * h, n), args, constexprs, q.device)
+    _launch(kernel, lambda bv: (triton.cdiv(dv, bv), b * h, n), args, constexprs, q.device)
     return o, final
 
 
@@ -244,10 +258,11 @@ class _RecomputeBackward(torch.autograd.Function):
         init = None if s0 is None else (s0, z0)
         if spec["prefix"]:
             o, state = _prefix_forward(q, k, v, k_enc, v_enc, spec["prefix_lengths"], spec["mask"], init,
-                                       spec["output_final_state"], spec["eps"], spec["num_segments"])
+                                       spec["output_final_state"], spec["eps"], spec["num_segments"],
+                                       spec["state_layout"])
         else:
             o, state = _linear_forward(q, k, v, spec["mask"], init, spec["output_final_state"], spec["eps"],
-                                       spec["num_segments"])
+                                       spec["num_segments"], spec["state_layout"])
         if state is None:
             return o
         return o, state[0], state[1]
@@ -292,13 +307,15 @@ def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _linear_forward(q, k, v, mask, init, output_final_state, eps, num_segments):
+def _linear_forward(q, k, v, mask, init, output_final_state, eps, num_segments, state_layout):
     q, k, v = (_as_kernel_input(x) for x in (q, k, v))
-    o, state = _causal_forward(q, k, v, mask, init, output_final_state, eps, num_segments)
+    o, state = _causal_forward(q, k, v, mask, init, output_final_state, eps, num_segments, state_layout)
     return o, state
 
 
-def _prefix_forward(q, k, v, k_enc, v_enc, prefix_lengths, mask, init, output_final_state, eps, num_segments):
+def _prefix_forward(
+    q, k, v, k_enc, v_enc, prefix_lengths, mask, init, output_final_state, eps, num_segments, state_layout
+):
     from jrt.ops import prefix_positions
 
     q, k, v, k_enc, v_enc = (_as_kernel_input(x) for x in (q, k, v, k_enc, v_enc))
@@ -306,7 +323,7 @@ def _prefix_forward(q, k, v, k_enc, v_enc, prefix_lengths, mask, init, output_fi
     enc_s, enc_z = _encoder_state(k_enc, v_enc, in_prefix, num_segments)
     if init is not None:
         enc_s, enc_z = enc_s + init[0].float(), enc_z + init[1].float()
-    return _causal_forward(q, k, v, mask, (enc_s, enc_z), output_final_state, eps, num_segments)
+    return _causal_forward(q, k, v, mask, (enc_s, enc_z), output_final_state, eps, num_segments, state_layout)
 
 
 def _finish(result, v: torch.Tensor, output_final_state: bool) -> tuple[torch.Tensor, State | None]:
@@ -326,6 +343,7 @@ def linear_attention(
     eps: float = 1e-6,
     attention_mask: torch.Tensor | None = None,
     num_segments: int | None = None,
+    state_layout: str | None = None,
 ) -> tuple[torch.Tensor, State | None]:
     """Causal, normalised Based linear attention (Taylor map fused) with the Triton kernels.
 
@@ -340,6 +358,9 @@ def linear_attention(
         num_segments: split the sequence into this many segments processed in parallel (their starting
             states come from a first pass of per-segment state sums and a prefix sum). Default: 1 on CPU
             (interpreter); on CUDA one, or more when batch * heads is too small to fill the GPU.
+        state_layout: how the causal kernel holds the running state: ``"d_major"`` (tiles ``[D, BV]``) or
+            ``"v_major"`` (``[BV, D]``, output computed transposed); the same results, possibly different
+            speed. Default: ``$JRT_TRITON_STATE_LAYOUT``, else ``"d_major"``.
 
     Returns:
         ``(o [B, T, H, Dv] in v's dtype, (S, z) float32 or None)``. float64 inputs are computed in float32.
@@ -347,12 +368,13 @@ def linear_attention(
     """
     _check_device(q, k, v)
     init = None if initial_state is None else (initial_state[0].float(), initial_state[1].float())
+    _state_layout(state_layout)
     spec = dict(prefix=False, mask=attention_mask, output_final_state=output_final_state, eps=eps,
-                num_segments=num_segments)
+                num_segments=num_segments, state_layout=state_layout)
     if _needs_autograd(q, k, v, *(initial_state or ())):
         s0, z0 = initial_state if initial_state is not None else (None, None)
         return _finish(_RecomputeBackward.apply(spec, q, k, v, None, None, s0, z0), v, output_final_state)
-    o, state = _linear_forward(q, k, v, attention_mask, init, output_final_state, eps, num_segments)
+    o, state = _linear_forward(q, k, v, attention_mask, init, output_final_state, eps, num_segments, state_layout)
     return o.to(v.dtype), state
 
 
@@ -369,6 +391,7 @@ def prefix_linear_attention(
     output_final_state: bool = False,
     eps: float = 1e-6,
     num_segments: int | None = None,
+    state_layout: str | None = None,
 ) -> tuple[torch.Tensor, State | None]:
     """JRT-RNN's prefix linear attention with the Triton kernels: the encoder state of each sequence's first
     ``prefix_lengths[b]`` real tokens (one reduction kernel, split over segments), then the causal pass
@@ -377,20 +400,26 @@ def prefix_linear_attention(
     Args:
         q, k: ``[B, T, H, F]``; v: ``[B, T, H, Dv]``; k_enc, v_enc: encoder projections of the same shapes.
         prefix_lengths: long ``[B]``, validated (``0 <= M_b <=`` real tokens).
-        attention_mask, initial_state, output_final_state, eps, num_segments: as in :func:`linear_attention`.
+        attention_mask, initial_state, output_final_state, eps, num_segments, state_layout: as in
+            :func:`linear_attention`.
 
     Returns:
         ``(o [B, T, H, Dv] in v's dtype, (S_T + S_enc, z_T + z_enc) float32 or None)``.
     """
     _check_device(q, k, v, k_enc, v_enc)
+    prefix_lengths = torch.as_tensor(prefix_lengths, dtype=torch.long, device=q.device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device=q.device, dtype=torch.bool)
     init = None if initial_state is None else (initial_state[0].float(), initial_state[1].float())
+    _state_layout(state_layout)
     spec = dict(prefix=True, mask=attention_mask, prefix_lengths=prefix_lengths,
-                output_final_state=output_final_state, eps=eps, num_segments=num_segments)
+                output_final_state=output_final_state, eps=eps, num_segments=num_segments,
+                state_layout=state_layout)
     if _needs_autograd(q, k, v, k_enc, v_enc, *(initial_state or ())):
         s0, z0 = initial_state if initial_state is not None else (None, None)
         return _finish(_RecomputeBackward.apply(spec, q, k, v, k_enc, v_enc, s0, z0), v, output_final_state)
     o, state = _prefix_forward(q, k, v, k_enc, v_enc, prefix_lengths, attention_mask, init, output_final_state,
-                               eps, num_segments)
+                               eps, num_segments, state_layout)
     return o.to(v.dtype), state
 
 
