@@ -8,3 +8,7 @@ Sub-packages (imports flow one way: ``ops`` <- ``layers`` <- ``models``):
 """
 
 __version__ = "0.1.0"
+
+from jrt import _auto_register  # noqa: E402
+
+_auto_register.install()  # JRT models join transformers' Auto classes (lazily: import jrt stays fast)
