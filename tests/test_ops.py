@@ -324,3 +324,15 @@ def test_bad_input_raises_value_error(case):
     match, call = _bad_calls()[case]
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("impl", ["chunk", "recurrent", "reference"])
+def test_operators_ignore_autocast(impl):
+    """Under bf16 autocast (training and validation loops) the ops keep their own float32 accumulation."""
+    q, k, v, ke, ve = make_qkv(2, 40, 2, 4, 3, torch.float32, seed=9, enc=True)
+    ref, _ = prefix_linear_attention(q, k, v, ke, ve, torch.tensor([5, 17]), impl=impl)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = prefix_linear_attention(q, k, v, ke, ve, torch.tensor([5, 17]), impl=impl)
+        causal, _ = linear_attention(q, k, v, impl=impl)
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-6
+    assert rel_err(causal, linear_attention(q, k, v, impl="reference")[0]) < 1e-4

@@ -25,6 +25,7 @@ state ``(S [B, H, D, Dv], z [B, H, D])`` in float32 with the full map's ``D``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -88,6 +89,13 @@ def resolve_impl(impl: str, device: torch.device, length: int, feature: int | No
 # --------------------------------------------------------------------------------------------------
 # internal layout: [B, H, T, *] in the compute dtype, values augmented with a ones column
 # --------------------------------------------------------------------------------------------------
+
+
+def _exact(device: torch.device):
+    """Switch autocast off: the operators choose their own precision (float32 accumulation)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _to_bhtd(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -199,10 +207,13 @@ def _to_canonical(internal: torch.Tensor, f: int) -> torch.Tensor:
     return torch.cat([internal[..., :1, :], lin, quad.flatten(-3, -2)], dim=-2)
 
 
-def _causal_chunk(q, k, v1, state0, chunk_size: int | None = None, segment_size: int | None = None):
+def _causal_chunk(
+    q, k, v1, state0, extra=None, chunk_size: int | None = None, segment_size: int | None = None
+):
     """Chunked form, linear in T, on ``[B, H, T, *]``.
 
-    Intra-chunk: ``tril(1 + s + s^2/2) @ [v, 1]`` with ``s = q.k/sqrt(F)`` (no feature map needed);
+    ``extra`` (``[B, H, Dc, Dv+1]``, internal space) is added to the initial state: the encoder state of
+    prefix linear attention. Intra-chunk: ``tril(1 + s + s^2/2) @ [v, 1]`` with ``s = q.k/sqrt(F)``;
     inter-chunk: exclusive prefix sums of per-chunk states in the internal feature space above. The work is
     vectorised over the chunks of one (sequence, head) pair and one segment of time at a time, so that every
     operand is a contiguous block and the working memory is bounded by the segment, whatever B, H and T are.
@@ -223,6 +234,8 @@ def _causal_chunk(q, k, v1, state0, chunk_size: int | None = None, segment_size:
         states = _to_internal(state0.reshape(bh, -1, dv1), f)
     else:
         states = q.new_zeros(bh, feature_dim(f, compressed=True), dv1)
+    if extra is not None:
+        states = states + extra.reshape(bh, -1, dv1)
     # blocks of G (sequence, head) pairs x n chunks: whole sequences of several heads when they are short,
     # one head and a segment of time when they are long; every block is contiguous
     budget = max(1, (segment_size or SEGMENT_SIZE) // c)
@@ -275,18 +288,20 @@ def _causal_chunk(q, k, v1, state0, chunk_size: int | None = None, segment_size:
 _CAUSAL_FORMS = {"reference": _causal_reference, "recurrent": _causal_recurrent, "chunk": _causal_chunk}
 
 
-def _encoder_state(k_enc, v1_enc, impl: str):
-    """``sum_j phi(ke_j) [ve_j, 1]^T`` over the rows kept in ``v1_enc``: ``[B, H, D, Dv+1]`` (full D)."""
+def _encoder_state_internal(k_enc: torch.Tensor, v1_enc: torch.Tensor) -> torch.Tensor:
+    """``sum_j w * phi_k(ke_j) [ve_j, 1]^T`` in the chunked form's internal space: ``[B, H, Dc, Dv+1]``.
+
+    ``k_enc [B, H, L, F]`` and ``v1_enc [B, H, L, Dv+1]`` (rows outside the prefix zeroed) cover the positions
+    up to the last prefix token only; the sum runs over segments so that the features stay small.
+    """
     f = k_enc.shape[-1]
-    if impl != "chunk":
-        return taylor_feature_map(k_enc).transpose(-1, -2) @ v1_enc
     k_enc = k_enc * f**-0.5
     total = None
     for start in range(0, k_enc.shape[-2], SEGMENT_SIZE):
-        part = _features(k_enc[:, :, start : start + SEGMENT_SIZE]).transpose(-1, -2)
+        part = _features(k_enc[:, :, start : start + SEGMENT_SIZE].contiguous()).transpose(-1, -2)
         part = part @ v1_enc[:, :, start : start + SEGMENT_SIZE]
         total = part if total is None else total + part
-    return _to_canonical(total * _diagonal_weights(f, total.dtype, total.device), f)
+    return total * _diagonal_weights(f, total.dtype, total.device)
 
 
 def _run_triton(name: str, *args, **kwargs):
@@ -346,9 +361,10 @@ def linear_attention(
             eps=eps, attention_mask=mask,
         )
     dtype = compute_dtype(q, k, v)
-    qh, kh = _to_bhtd(q, dtype), _to_bhtd(k, dtype)
-    v1 = _augment(_to_bhtd(v, dtype), mask)
-    o1, state = _CAUSAL_FORMS[impl](qh, kh, v1, _pack_state(state0, dtype))
+    with _exact(q.device):
+        qh, kh = _to_bhtd(q, dtype), _to_bhtd(k, dtype)
+        v1 = _augment(_to_bhtd(v, dtype), mask)
+        o1, state = _CAUSAL_FORMS[impl](qh, kh, v1, _pack_state(state0, dtype))
     return _normalise(o1, eps, v.dtype), (_unpack_state(state) if output_final_state else None)
 
 
@@ -412,20 +428,29 @@ def prefix_linear_attention(
             initial_state=state0, output_final_state=output_final_state, eps=eps,
         )
     dtype = compute_dtype(q, k, v, k_enc, v_enc)
-    in_prefix = prefix_positions(lengths, t, mask)
-    packed0 = _pack_state(state0, dtype)
-    qh, kh = _to_bhtd(q, dtype), _to_bhtd(k, dtype)
-    v1 = _augment(_to_bhtd(v, dtype), mask)
-    if impl == "reference":
-        # the plain quadratic form: causal scores plus encoder scores masked to the prefix
-        phi_q = taylor_feature_map(qh)
-        ke, ve1 = _to_bhtd(k_enc, dtype), _augment(_to_bhtd(v_enc, dtype), in_prefix)
-        enc_scores = phi_q @ taylor_feature_map(ke).transpose(-1, -2)
-        o1, state = _causal_reference(qh, kh, v1, packed0)
-        o1 = o1 + enc_scores @ ve1
-        state = state + taylor_feature_map(ke).transpose(-1, -2) @ ve1
-    else:
-        enc = _encoder_state(_to_bhtd(k_enc, dtype), _augment(_to_bhtd(v_enc, dtype), in_prefix), impl)
-        start = enc if packed0 is None else packed0 + enc
-        o1, state = _CAUSAL_FORMS[impl](qh, kh, v1, start)
+    with _exact(q.device):
+        in_prefix = prefix_positions(lengths, t, mask)
+        packed0 = _pack_state(state0, dtype)
+        qh, kh = _to_bhtd(q, dtype), _to_bhtd(k, dtype)
+        v1 = _augment(_to_bhtd(v, dtype), mask)
+        if impl == "reference":
+            # the plain quadratic form: causal scores plus encoder scores masked to the prefix
+            phi_q = taylor_feature_map(qh)
+            ke, ve1 = _to_bhtd(k_enc, dtype), _augment(_to_bhtd(v_enc, dtype), in_prefix)
+            enc_scores = phi_q @ taylor_feature_map(ke).transpose(-1, -2)
+            o1, state = _causal_reference(qh, kh, v1, packed0)
+            o1 = o1 + enc_scores @ ve1
+            state = state + taylor_feature_map(ke).transpose(-1, -2) @ ve1
+        else:
+            # the encoder sum runs over the positions up to the last prefix token of any sequence
+            hit = in_prefix.any(dim=0).nonzero()
+            cut = int(hit[-1]) + 1 if hit.numel() else 0
+            ke = _to_bhtd(k_enc[:, :cut], dtype)
+            ve1 = _augment(_to_bhtd(v_enc[:, :cut], dtype), in_prefix[:, :cut])
+            if impl == "chunk":
+                extra = _encoder_state_internal(ke, ve1) if cut else None
+                o1, state = _causal_chunk(qh, kh, v1, packed0, extra)
+            else:
+                enc = taylor_feature_map(ke).transpose(-1, -2) @ ve1
+                o1, state = _causal_recurrent(qh, kh, v1, enc if packed0 is None else packed0 + enc)
     return _normalise(o1, eps, v.dtype), (_unpack_state(state) if output_final_state else None)
