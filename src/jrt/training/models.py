@@ -1,0 +1,114 @@
+"""Models the trainer can build by preset name, and one forward call for all of them.
+
+- ``jrt-*`` and ``based-*``: :class:`jrt.models.JRTConfig` presets (JRT-RNN and its Based baseline);
+- ``attn-*``: the Llama-style Transformer baseline, ``transformers.LlamaForCausalLM``;
+- ``mamba-*``: ``transformers.MambaForCausalLM``.
+
+The baselines use the GPT-2 vocabulary padded to 50264 like JRT-RNN, tied embeddings, and sizes near the
+published 360M / 1.3B runs (the authors' exact baseline configs are not reproduced here).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+PADDED_VOCAB = 50264
+MASK_TOKEN_ID = 50263
+
+#: transformers baseline configs: name -> (family, kwargs).
+BASELINE_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "attn-tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=4)),
+    "attn-360m": ("llama", dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                                num_attention_heads=16, num_key_value_heads=16)),
+    "attn-1.3b": ("llama", dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
+                                num_attention_heads=16, num_key_value_heads=16)),
+    "mamba-tiny": ("mamba", dict(hidden_size=64, num_hidden_layers=4, state_size=16)),
+    "mamba-360m": ("mamba", dict(hidden_size=1024, num_hidden_layers=48, state_size=16)),
+    "mamba-1.3b": ("mamba", dict(hidden_size=2048, num_hidden_layers=48, state_size=16)),
+}
+
+
+def _baseline(name: str, overrides: dict[str, Any]) -> nn.Module:
+    family, kwargs = BASELINE_PRESETS[name]
+    kwargs = {**kwargs, "vocab_size": PADDED_VOCAB, "tie_word_embeddings": True, **overrides}
+    if family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        kwargs.setdefault("max_position_embeddings", 4096)
+        kwargs.setdefault("rms_norm_eps", 1e-5)
+        cfg = LlamaConfig(**kwargs)
+        cfg.jrt_preset = name
+        return LlamaForCausalLM(cfg)
+    from transformers import MambaConfig, MambaForCausalLM
+
+    cfg = MambaConfig(**kwargs)
+    cfg.jrt_preset = name
+    return MambaForCausalLM(cfg)
+
+
+def model_names() -> list[str]:
+    """All model preset names the trainer knows (JRT ones only when :mod:`jrt.models` imports)."""
+    names = list(BASELINE_PRESETS)
+    try:
+        from jrt.models import PRESETS
+
+        names += list(PRESETS)
+    except ImportError:
+        pass
+    return sorted(set(names))
+
+
+def build_model(name: str, overrides: dict[str, Any] | None = None) -> nn.Module:
+    """A freshly initialised model for preset ``name`` (``overrides`` go into its config)."""
+    overrides = dict(overrides or {})
+    if name in BASELINE_PRESETS:
+        return _baseline(name, overrides)
+    try:
+        from jrt.models import JRTConfig, JRTForCausalLM
+    except ImportError as err:
+        raise ValueError(f"model preset {name!r} needs jrt.models, which failed to import: {err}") from err
+    try:
+        cfg = JRTConfig.from_preset(name, **overrides)
+    except (KeyError, ValueError) as err:
+        raise ValueError(
+            f"unknown model preset {name!r} ({err}); baselines: {', '.join(BASELINE_PRESETS)}"
+        ) from err
+    return JRTForCausalLM(cfg)
+
+
+def vocab_size(model: nn.Module) -> int:
+    return int(model.config.vocab_size)
+
+
+def mask_token_id(model: nn.Module) -> int | None:
+    mid = getattr(model.config, "mask_token_id", None)
+    return None if mid is None else int(mid)
+
+
+def default_objective(name: str) -> str:
+    """``prefix_mlm`` for JRT-RNN presets, ``ntp`` for every baseline."""
+    return "prefix_mlm" if name.startswith("jrt") else "ntp"
+
+
+def forward_logits(model: nn.Module, input_ids: torch.Tensor, prefix_lengths: torch.Tensor | None) -> torch.Tensor:
+    """Logits ``[B, T, V]``; ``prefix_lengths`` (``[B]``) only for models with a non-causal prefix."""
+    if prefix_lengths is None:
+        out = model(input_ids=input_ids)
+    else:
+        out = model(input_ids=input_ids, prefix_lengths=prefix_lengths)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied ones counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
