@@ -1,0 +1,245 @@
+"""Synthetic recall data: set disjointness (SD) and multi-query associative recall (MQAR).
+
+Every generator is vectorised (one batched tensor program, no per-example Python loop), seeded (the same
+seed gives the same tensors on every machine: sampling runs on a CPU ``torch.Generator``) and returns a
+:class:`SyntheticBatch`, whose ``labels`` are aligned with ``input_ids``: ``labels[b, i]`` is the token the
+model must predict *from position i* (no shift is applied by the trainer) and ``-100`` everywhere the loss
+is not taken.
+
+Token layout (both tasks): id 0 is padding / "no query here", ids ``1 .. NUM_SPECIAL-1`` are separators, and
+ids ``NUM_SPECIAL .. vocab_size-1`` are the content vocabulary, split into a lower and an upper half.
+
+**SD** (DESIGN.md section 5)::
+
+    [1] a_1 .. a_n [2] b_1 .. b_m [3]        -> label at [3]: the one element shared by A and B
+    [1] A [2] B [1] A [2] B [3]              (read twice)
+
+``order`` says which set comes first: ``"short_first"`` puts the smaller set in position A.
+``vocab="halves"`` is the authors' format (A from the lower half, B from the upper half, one element of B
+overwritten by an element of A). That format has a shortcut: the answer is the only lower-half token after
+``[2]``, which a model finds with no memory of A at all. ``vocab="shared"`` (the default of the lab's grids)
+draws A and B from the whole content vocabulary, disjoint except for the overwritten element, so only a
+model that remembers A (or B) can answer.
+
+**MQAR** (Zoology style)::
+
+    k_1 v_1 .. k_P v_P  0 .. k_i 0 .. k_j 0 ..   -> labels at the queried keys: their values
+    k_1 v_1 .. k_P v_P  k_1 v_1 .. k_P v_P  0 .. k_i ..   (read twice: the key-value block repeated)
+
+Keys are drawn without replacement from the lower half, values from the upper half; each key is queried once,
+at slots whose distance from the context follows a power law (``p(g) ~ g^(alpha-1)``, short gaps frequent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Padding / filler id and the number of reserved (non-content) ids at the bottom of the vocabulary.
+PAD_ID = 0
+NUM_SPECIAL = 4
+SEP_A, SEP_B, SEP_QUERY = 1, 2, 3
+IGNORE_INDEX = -100
+
+SD_ORDERS = ("short_first", "long_first")
+SD_VOCABS = ("shared", "halves")
+
+
+@dataclass
+class SyntheticBatch:
+    """A batch of synthetic sequences.
+
+    Attributes:
+        input_ids: int64 ``[N, T]``.
+        labels: int64 ``[N, T]``, aligned with ``input_ids`` (the target predicted at position ``i``), -100
+            where no loss is taken.
+        prefix_lengths: int64 ``[N]``: the number of leading tokens a JRT-RNN reads non-causally (the sets for
+            SD, the key-value block(s) for MQAR).
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    prefix_lengths: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def slice(self, start: int, stop: int) -> SyntheticBatch:
+        """Rows ``start:stop`` of every tensor."""
+        return SyntheticBatch(
+            self.input_ids[start:stop], self.labels[start:stop], self.prefix_lengths[start:stop]
+        )
+
+    def index(self, rows: torch.Tensor) -> SyntheticBatch:
+        """The rows selected by an index tensor."""
+        return SyntheticBatch(self.input_ids[rows], self.labels[rows], self.prefix_lengths[rows])
+
+    def to(self, device: torch.device | str) -> SyntheticBatch:
+        return SyntheticBatch(
+            self.input_ids.to(device), self.labels.to(device), self.prefix_lengths.to(device)
+        )
+
+
+def _generator(seed: int) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed))
+    return gen
+
+
+def _sample_distinct(num: int, count: int, low: int, high: int, gen: torch.Generator) -> torch.Tensor:
+    """``[num, count]`` ids, distinct within each row, uniform over ``[low, high)``."""
+    perm = torch.rand(num, high - low, generator=gen).argsort(dim=1)[:, :count]
+    return perm + low
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def sd_seq_len(short_size: int, long_size: int, read_twice: bool = False) -> int:
+    """Length of an SD sequence: ``n + m + 3`` tokens, ``2 (n + m + 2) + 1`` when read twice."""
+    body = short_size + long_size + 2
+    return (2 * body if read_twice else body) + 1
+
+
+def make_sd(
+    num_examples: int,
+    short_size: int,
+    long_size: int,
+    vocab_size: int,
+    *,
+    order: str = "short_first",
+    read_twice: bool = False,
+    vocab: str = "shared",
+    seed: int = 0,
+) -> SyntheticBatch:
+    """Set-disjointness sequences ``[1] A [2] B [3]`` with exactly one element shared by A and B.
+
+    Args:
+        num_examples: number of sequences N.
+        short_size, long_size: the two set sizes (``short_size <= long_size``).
+        vocab_size: total vocabulary, including the ``NUM_SPECIAL`` reserved ids.
+        order: ``"short_first"`` (A is the smaller set) or ``"long_first"``.
+        read_twice: emit ``[1] A [2] B [1] A [2] B [3]`` (JRT-Prompt).
+        vocab: ``"shared"`` (both sets from the whole content vocabulary, disjoint except for the answer) or
+            ``"halves"`` (the authors' format: A from the lower half, B from the upper half).
+        seed: the sequences are a deterministic function of all arguments.
+
+    Returns:
+        A :class:`SyntheticBatch` with ``input_ids`` ``[N, sd_seq_len(...)]``, one label per row (at the
+        final ``[3]``) and ``prefix_lengths`` = everything before that final ``[3]``.
+    """
+    _check_positive("num_examples", num_examples)
+    _check_positive("short_size", short_size)
+    _check_positive("long_size", long_size)
+    if short_size > long_size:
+        raise ValueError(f"short_size ({short_size}) must not exceed long_size ({long_size})")
+    if order not in SD_ORDERS:
+        raise ValueError(f"order must be one of {SD_ORDERS}, got {order!r}")
+    if vocab not in SD_VOCABS:
+        raise ValueError(f"vocab must be one of {SD_VOCABS}, got {vocab!r}")
+    content = vocab_size - NUM_SPECIAL
+    half = content // 2
+    if half < long_size:
+        raise ValueError(
+            f"set size {long_size} is larger than half the content vocabulary ({half} of vocab_size "
+            f"{vocab_size} minus {NUM_SPECIAL} reserved ids): sets cannot be drawn without repeats"
+        )
+    n, m = (short_size, long_size) if order == "short_first" else (long_size, short_size)
+    gen = _generator(seed)
+    if vocab == "halves":
+        a = _sample_distinct(num_examples, n, NUM_SPECIAL, NUM_SPECIAL + half, gen)
+        b = _sample_distinct(num_examples, m, NUM_SPECIAL + half, NUM_SPECIAL + 2 * half, gen)
+    else:
+        both = _sample_distinct(num_examples, n + m, NUM_SPECIAL, NUM_SPECIAL + content, gen)
+        a, b = both[:, :n], both[:, n:].clone()
+    rows = torch.arange(num_examples)
+    pick_a = torch.randint(0, n, (num_examples,), generator=gen)
+    pick_b = torch.randint(0, m, (num_examples,), generator=gen)
+    answer = a[rows, pick_a]
+    b[rows, pick_b] = answer
+    col = lambda tok: torch.full((num_examples, 1), tok, dtype=torch.long)  # noqa: E731
+    body = torch.cat([col(SEP_A), a, col(SEP_B), b], dim=1)
+    parts = [body, body] if read_twice else [body]
+    input_ids = torch.cat([*parts, col(SEP_QUERY)], dim=1)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, -1] = answer
+    prefix = torch.full((num_examples,), input_ids.shape[1] - 1, dtype=torch.long)
+    return SyntheticBatch(input_ids, labels, prefix)
+
+
+def mqar_seq_len(num_pairs: int, seq_len: int, read_twice: bool = False) -> int:
+    """Length of an MQAR sequence: ``seq_len``, plus ``2 * num_pairs`` when read twice."""
+    return seq_len + (2 * num_pairs if read_twice else 0)
+
+
+def make_mqar(
+    num_examples: int,
+    num_pairs: int,
+    seq_len: int,
+    vocab_size: int,
+    *,
+    read_twice: bool = False,
+    power_a: float = 0.01,
+    seed: int = 0,
+) -> SyntheticBatch:
+    """Multi-query associative recall sequences (Zoology style).
+
+    Args:
+        num_examples: number of sequences N.
+        num_pairs: key-value pairs P per sequence; every key is queried once.
+        seq_len: length of a single-read sequence: ``2P`` context tokens plus the query region, which must
+            hold ``P`` queries at distinct even offsets (``seq_len >= 4P``).
+        vocab_size: total vocabulary; keys come from the lower half of the content ids, values from the upper.
+        read_twice: repeat the key-value block before the queries (length grows by ``2P``).
+        power_a: the exponent ``alpha`` of the power-law over query gaps (Zoology's default 0.01).
+        seed: the sequences are a deterministic function of all arguments.
+
+    Returns:
+        A :class:`SyntheticBatch`: ``input_ids`` ``[N, mqar_seq_len(...)]``, labels (the values) at the ``P``
+        query positions, ``prefix_lengths`` = the key-value block(s).
+    """
+    _check_positive("num_examples", num_examples)
+    _check_positive("num_pairs", num_pairs)
+    _check_positive("seq_len", seq_len)
+    if not power_a > 0:
+        raise ValueError(f"power_a must be > 0, got {power_a}")
+    half = (vocab_size - NUM_SPECIAL) // 2
+    if num_pairs > half:
+        raise ValueError(
+            f"num_pairs ({num_pairs}) is larger than half the content vocabulary ({half} of vocab_size "
+            f"{vocab_size}): keys cannot be distinct"
+        )
+    if seq_len < 4 * num_pairs:
+        raise ValueError(
+            f"seq_len ({seq_len}) is too short for {num_pairs} key-value pairs and their queries: "
+            f"need at least 4 * num_pairs = {4 * num_pairs}"
+        )
+    gen = _generator(seed)
+    keys = _sample_distinct(num_examples, num_pairs, NUM_SPECIAL, NUM_SPECIAL + half, gen)
+    values = _sample_distinct(num_examples, num_pairs, NUM_SPECIAL + half, NUM_SPECIAL + 2 * half, gen)
+    kv = torch.stack([keys, values], dim=2).reshape(num_examples, 2 * num_pairs)
+    query_len = seq_len - 2 * num_pairs
+    slots = query_len // 2
+    # power law over slot gaps 1..slots, sampled without replacement via Gumbel top-k
+    gaps = torch.arange(1, slots + 1, dtype=torch.float64)
+    logp = (power_a - 1.0) * torch.log(gaps)
+    gumbel = -torch.log(-torch.log(torch.rand(num_examples, slots, generator=gen, dtype=torch.float64)))
+    chosen = (logp + gumbel).topk(num_pairs, dim=1).indices  # [N, P] slot indices (gap - 1)
+    queries = torch.zeros(num_examples, query_len, dtype=torch.long)
+    labels_q = torch.full((num_examples, query_len), IGNORE_INDEX, dtype=torch.long)
+    pos = 2 * chosen
+    queries.scatter_(1, pos, keys)
+    labels_q.scatter_(1, pos, values)
+    blocks = [kv, kv] if read_twice else [kv]
+    context = torch.cat(blocks, dim=1)
+    input_ids = torch.cat([context, queries], dim=1)
+    labels = torch.cat([torch.full_like(context, IGNORE_INDEX), labels_q], dim=1)
+    prefix = torch.full((num_examples,), context.shape[1], dtype=torch.long)
+    return SyntheticBatch(input_ids, labels, prefix)

@@ -1,0 +1,364 @@
+"""The small-model trainer of the synthetic lab, and grid execution (in-process, worker processes or Ray).
+
+:func:`train_run` trains one :class:`~jrt.synthetics.config.RunConfig` and returns a JSON-ready result.
+:func:`run_grid` runs a list of configs, appending each result to a JSONL file the moment its run ends,
+and skipping configs whose ``run_id`` is already in that file, so an interrupted grid resumes where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from jrt.synthetics.config import RunConfig
+from jrt.synthetics.data import IGNORE_INDEX, SyntheticBatch
+
+#: Seed offsets that keep the train, validation and test sets of one run disjoint streams.
+_VALID_SEED_OFFSET = 1_000_003
+_TEST_SEED_OFFSET = 2_000_029
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available); CUDA asked for but absent
+    is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or auto") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: use cpu, cuda or auto")
+    return dev
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate at ``step`` (0-based): linear warmup to ``lr`` over ``warmup_steps``, then a cosine
+    from ``lr`` down to ``lr * min_lr_ratio`` at ``max_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    floor = lr * min_lr_ratio
+    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def masked_loss_and_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Cross-entropy on labelled positions only.
+
+    Args:
+        logits: ``[N, T, V]``; labels: ``[N, T]`` aligned with the logits, -100 = no loss.
+
+    Returns:
+        ``(mean loss over labelled positions, number correct, number labelled)``.
+    """
+    keep = labels != IGNORE_INDEX
+    sel_logits = logits[keep]
+    sel_labels = labels[keep]
+    if sel_labels.numel() == 0:
+        raise ValueError("batch has no labelled positions")
+    loss = F.cross_entropy(sel_logits.float(), sel_labels)
+    hits = int((sel_logits.argmax(dim=-1) == sel_labels).sum())
+    return loss, hits, int(sel_labels.numel())
+
+
+def _forward(model: torch.nn.Module, batch: SyntheticBatch) -> torch.Tensor:
+    return model(batch.input_ids, prefix_lengths=batch.prefix_lengths)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: SyntheticBatch, batch_size: int, device: torch.device) -> float:
+    """Accuracy over all labelled positions of ``data`` (per answer: per query for MQAR)."""
+    was_training = model.training
+    model.eval()
+    hits = total = 0
+    for start in range(0, len(data), batch_size):
+        chunk = data.slice(start, start + batch_size).to(device)
+        _, h, n = masked_loss_and_hits(_forward(model, chunk), chunk.labels)
+        hits += h
+        total += n
+    model.train(was_training)
+    return hits / max(1, total)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and embeddings (1-D parameters and embedding tables)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or "norm" in name.lower() or "embed" in name.lower():
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_run(
+    cfg: RunConfig,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train one config from scratch and evaluate it.
+
+    Args:
+        cfg: the run.
+        device: ``"cpu"`` (default), ``"cuda"`` or ``"auto"``.
+        threads: ``torch.set_num_threads`` for this run (None leaves it alone).
+        progress: show a tqdm bar over steps.
+        log: optional callback for one-line messages.
+
+    Returns:
+        A JSON-ready dict: ``run_id``, ``config``, ``state_bytes``, ``num_params``, ``accuracy`` (test
+        accuracy of the best validation checkpoint), ``best_valid_accuracy``, ``steps``, ``seconds`` (wall),
+        ``cpu_seconds`` (CPU time of this process: what the run costs on an idle core),
+        ``stopped`` (``"target"``, ``"patience"`` or ``"max_steps"``) and ``history`` (step, loss, valid).
+    """
+    from jrt.synthetics.models import build_model
+
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    dev = resolve_device(device)
+    tr = cfg.train
+    torch.manual_seed(cfg.seed)
+    t0, c0 = time.perf_counter(), time.process_time()
+    train_data = cfg.task.generate(tr.num_train, seed=cfg.seed)
+    if tr.overfit:
+        valid_data = test_data = train_data
+    else:
+        valid_data = cfg.task.generate(tr.num_valid, seed=cfg.seed + _VALID_SEED_OFFSET)
+        test_data = cfg.task.generate(tr.num_test, seed=cfg.seed + _TEST_SEED_OFFSET)
+    model = build_model(cfg.model, vocab_size=cfg.task.vocab_size, seq_len=cfg.task.seq_len).to(dev)
+    state_bytes = int(model.state_size_bytes(cfg.task.seq_len))
+    num_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(_param_groups(model, tr.weight_decay), lr=tr.lr, betas=tuple(tr.betas))
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(cfg.seed + 17)
+    best_acc, best_state, best_step, bad_evals = -1.0, None, 0, 0
+    history: list[dict[str, float]] = []
+    stopped = "max_steps"
+    step = 0
+    running_loss = 0.0
+    bar = tqdm(total=tr.max_steps, desc=cfg.describe(), disable=not progress, leave=False, dynamic_ncols=True)
+    model.train()
+    for step in range(1, tr.max_steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1, lr=tr.lr, warmup_steps=tr.warmup_steps, max_steps=tr.max_steps,
+                                min_lr_ratio=tr.min_lr_ratio)
+        rows = torch.randint(0, len(train_data), (tr.batch_size,), generator=gen)
+        batch = train_data.index(rows).to(dev)
+        loss, _, _ = masked_loss_and_hits(_forward(model, batch), batch.labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tr.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
+        opt.step()
+        loss_value = loss.item()
+        running_loss = 0.9 * running_loss + 0.1 * loss_value if step > 1 else loss_value
+        bar.update(1)
+        if step % tr.eval_every == 0 or step == tr.max_steps:
+            acc = evaluate(model, valid_data, max(tr.batch_size, 256), dev)
+            history.append({"step": step, "loss": round(running_loss, 5), "valid_accuracy": round(acc, 5)})
+            bar.set_postfix(loss=f"{running_loss:.3f}", valid=f"{acc:.3f}")
+            if acc > best_acc:
+                best_acc, best_step, bad_evals = acc, step, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_evals += 1
+            if acc >= tr.target_acc:
+                stopped = "target"
+                break
+            if bad_evals >= tr.patience:
+                stopped = "patience"
+                break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    test_acc = evaluate(model, test_data, max(tr.batch_size, 256), dev)
+    seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - c0
+    if log is not None:
+        log(f"{cfg.describe()}: test accuracy {test_acc:.3f} after {step} steps ({stopped}, {seconds:.1f} s)")
+    return {
+        "run_id": cfg.run_id(),
+        "experiment": cfg.experiment,
+        "model": cfg.model_name,
+        "order": cfg.task.order_label,
+        "config": cfg.to_dict(),
+        "state_bytes": state_bytes,
+        "num_params": int(num_params),
+        "accuracy": round(test_acc, 5),
+        "best_valid_accuracy": round(best_acc, 5),
+        "best_step": best_step,
+        "steps": step,
+        "stopped": stopped,
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2),
+        "device": str(dev),
+        "history": history,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# results file
+# --------------------------------------------------------------------------------------------------
+
+
+def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All results in a JSONL file (a missing file is empty; a torn last line from a crash is skipped)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    with path.open() as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def append_result(path: str | os.PathLike, result: dict[str, Any]) -> None:
+    """Append one result as a JSON line and flush it to disk (after a torn last line, on a new line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.exists() and path.stat().st_size > 0:
+        with path.open("rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            torn = fh.read(1) != b"\n"
+    with path.open("a") as fh:
+        fh.write(("\n" if torn else "") + json.dumps(result, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _worker(cfg_dict: dict[str, Any], device: str, threads: int | None) -> dict[str, Any]:
+    return train_run(RunConfig.from_dict(cfg_dict), device=device, threads=threads, progress=False)
+
+
+def run_grid(
+    grid: Sequence[RunConfig],
+    results_path: str | os.PathLike,
+    *,
+    workers: int = 1,
+    device: str = "cpu",
+    threads: int | None = None,
+    ray_address: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> list[dict[str, Any]]:
+    """Run every config not already in ``results_path``; return the results of the whole grid.
+
+    Args:
+        grid: the configs (duplicates by ``run_id`` run once).
+        results_path: JSONL file; each finished run is appended at once.
+        workers: local worker processes (1 = in this process, with a per-step progress bar).
+        device: passed to :func:`train_run`.
+        threads: torch threads per run (default: all cores for one worker, cores // workers otherwise).
+        ray_address: run on a Ray cluster (``"local"`` starts one here; needs the ``ray`` extra).
+        progress: show progress bars.
+        log: one-line messages (None = silent).
+
+    Returns:
+        One result per distinct config of ``grid``, in grid order.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    say = log or (lambda _msg: None)
+    done = {r["run_id"]: r for r in load_results(results_path) if "run_id" in r}
+    unique: dict[str, RunConfig] = {}
+    for cfg in grid:
+        unique.setdefault(cfg.run_id(), cfg)
+    todo = [cfg for rid, cfg in unique.items() if rid not in done]
+    if len(unique) > len(todo):
+        say(f"resuming: {len(unique) - len(todo)} of {len(unique)} runs already in {results_path}")
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    bar = tqdm(total=len(todo), desc="runs", disable=not progress or not todo, dynamic_ncols=True)
+
+    def finish(result: dict[str, Any]) -> None:
+        append_result(results_path, result)
+        done[result["run_id"]] = result
+        bar.update(1)
+        say(f"[{len(done)}/{len(unique)}] {result['model']} {result['order']} state {result['state_bytes']} B: "
+            f"accuracy {result['accuracy']:.3f} ({result['stopped']} at step {result['steps']}, "
+            f"{result['seconds']:.0f} s)")
+
+    try:
+        if ray_address is not None:
+            _run_ray(todo, ray_address, device, threads, finish)
+        elif workers == 1:
+            for cfg in todo:
+                finish(train_run(cfg, device=device, threads=threads, progress=progress))
+        else:
+            _run_processes(todo, workers, device, threads, finish)
+    finally:
+        bar.close()
+    return [done[rid] for rid in unique if rid in done]
+
+
+def _run_processes(
+    todo: Iterable[RunConfig], workers: int, device: str, threads: int | None,
+    finish: Callable[[dict[str, Any]], None],
+) -> None:
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending: set[Future] = {pool.submit(_worker, cfg.to_dict(), device, threads) for cfg in todo}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    finish(fut.result())
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _run_ray(
+    todo: Sequence[RunConfig], address: str, device: str, threads: int | None,
+    finish: Callable[[dict[str, Any]], None],
+) -> None:
+    try:
+        import ray
+    except ImportError as err:  # pragma: no cover - depends on the optional extra
+        raise ValueError("--ray needs the optional dependency: pip install 'just-read-twice[ray]'") from err
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address == "local":
+            ray.init(include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    try:
+        num_gpus = 1 if device.startswith("cuda") else 0
+        remote = ray.remote(num_cpus=threads or 1, num_gpus=num_gpus)(_worker)
+        pending = [remote.remote(cfg.to_dict(), device, threads) for cfg in todo]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                finish(ray.get(ref))
+    finally:
+        if started_here:
+            ray.shutdown()
