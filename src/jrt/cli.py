@@ -17,6 +17,10 @@ from jrt import __version__
 #: Modules that contribute sub-commands, in the order they appear in ``jrt --help``.
 COMMAND_MODULES: tuple[str, ...] = (
     "jrt.bench.cli",
+    "jrt.synthetics.cli",
+    "jrt.training.cli",
+    "jrt.evaluation.cli",
+    "jrt.convert_cli",
 )
 
 

@@ -300,6 +300,7 @@ def add_parser(bench: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impl", default="auto", help="jrt.ops implementation (auto, chunk, triton...)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     parser.set_defaults(func=_main)
 
@@ -310,6 +311,10 @@ def _main(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     for name in ("batch", "heads", "head_dim", "feature_dim", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
