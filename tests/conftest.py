@@ -1,7 +1,14 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter, which must be switched on before anything
+# imports them (several test modules reach jrt.ops.triton indirectly); on a GPU machine they compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from jrt.paths import data_dir
 
