@@ -1,0 +1,282 @@
+"""Running an evaluation: per-example JSONL written as it goes, resume, summary table, JSON and bar chart."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from jrt.evaluation.engine import MAX_NEW_TOKENS, generate, prepare
+from jrt.prompting.templates import mode_repeats
+from jrt.tasks.metrics import contains, exact_match, token_f1
+from jrt.tasks.registry import TaskData
+
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.json"
+TABLE_FILE = "summary.md"
+CHART_FILE = "summary.png"
+RUN_FILE = "run.json"
+
+
+def score(prediction: str, golds: Sequence[str], span_metrics: bool) -> dict[str, Any]:
+    """``contains`` (and exact match / token F1 for single-span tasks) of one generation."""
+    out: dict[str, Any] = {"correct": contains(prediction, golds)}
+    if span_metrics:
+        out["exact_match"] = exact_match(prediction.strip(), golds)
+        out["f1"] = round(token_f1(prediction.strip(), golds), 6)
+    return out
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a results JSONL; a torn last line (interrupted write) is dropped and cut from the file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records: list[dict[str, Any]] = []
+    good_bytes = 0
+    with path.open("rb") as fh:
+        for raw in fh:
+            try:
+                records.append(json.loads(raw))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if not raw.endswith(b"\n"):
+                    break  # torn final line
+                raise ValueError(f"{path}: corrupt line {len(records) + 1}; remove it to resume") from None
+            good_bytes += len(raw)
+    if good_bytes < path.stat().st_size:
+        with path.open("r+b") as fh:
+            fh.truncate(good_bytes)
+    return records
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one run (stored in ``run.json``; a resumed run must match them).
+
+    Attributes:
+        model: model name as given by the user.
+        modes: prompting modes.
+        batch_size: examples per generate call.
+        max_new_tokens: generation cap.
+        max_length: model positions (None: unbounded).
+        truncation_tokenizer: ``gpt2`` or ``model``.
+    """
+
+    model: str
+    modes: list[str]
+    batch_size: int = 8
+    max_new_tokens: int = MAX_NEW_TOKENS
+    max_length: int | None = None
+    truncation_tokenizer: str = "gpt2"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_run(output: Path, config: EvalConfig) -> None:
+    path = output / RUN_FILE
+    mine = {"model": config.model, "max_new_tokens": config.max_new_tokens,
+            "truncation_tokenizer": config.truncation_tokenizer}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        for key, value in mine.items():
+            if key in old and old[key] != value:
+                raise ValueError(
+                    f"{output} holds results of a run with {key}={old[key]!r} (now {value!r}); "
+                    "use another --output"
+                )
+    path.write_text(json.dumps({**mine, **config.extra}, indent=1) + "\n")
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: Sequence[TaskData],
+    config: EvalConfig,
+    output: str | Path,
+    truncation_tokenizer: Any | None = None,
+    add_special_tokens: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on every task x mode, appending to ``output/results.jsonl`` as batches finish.
+
+    Examples already in the results file (same task, mode and id) are not redone, so an interrupted run
+    resumes where it stopped. Within a task x mode, examples are batched by decreasing prompt length (left
+    padding, as lm-evaluation-harness does). Returns the summary (also written as ``summary.json``,
+    ``summary.md`` and ``summary.png``).
+    """
+    if config.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {config.batch_size}")
+    for mode in config.modes:
+        mode_repeats(mode)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    _check_run(output, config)
+    results_path = output / RESULTS_FILE
+    done = {(r["task"], r["mode"], r["id"]) for r in read_results(results_path)}
+    data_info: dict[str, dict[str, Any]] = {}
+    with results_path.open("a", encoding="utf-8") as sink:
+        for data in tasks:
+            spec = data.spec
+            data_info[spec.name] = {"n_skipped": data.n_skipped, "source": data.source}
+            for mode in config.modes:
+                todo = [ex for ex in data.examples if (spec.name, mode, ex.id) not in done]
+                if not todo:
+                    continue
+                prepared = [
+                    prepare(spec, ex, mode, tokenizer, truncation_tokenizer, config.max_length,
+                            config.max_new_tokens)
+                    for ex in tqdm(todo, desc=f"prepare {spec.name}/{mode}", disable=not progress, leave=False)
+                ]
+                prepared.sort(key=lambda p: -p.prompt_tokens)
+                bar = tqdm(total=len(prepared), desc=f"{spec.name}/{mode}", disable=not progress)
+                for start in range(0, len(prepared), config.batch_size):
+                    batch = prepared[start : start + config.batch_size]
+                    t0 = time.perf_counter()
+                    gens = generate(model, tokenizer, [p.prompt for p in batch], config.max_new_tokens,
+                                    add_special_tokens=add_special_tokens)
+                    per = (time.perf_counter() - t0) / len(batch)
+                    for p, gen in zip(batch, gens):
+                        record = {
+                            "task": spec.name,
+                            "mode": mode,
+                            "id": p.example.id,
+                            "prompt_tokens": p.prompt_tokens,
+                            "context_tokens": p.context_tokens,
+                            "truncated": p.truncated,
+                            "fit_truncated": p.fit_truncated,
+                            "generation": gen,
+                            "gold": p.example.answers,
+                            **score(gen, p.example.answers, spec.span_metrics),
+                            "seconds": round(per, 4),
+                        }
+                        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    sink.flush()
+                    bar.update(len(batch))
+                bar.close()
+    summary = summarize(read_results(results_path), config.model, data_info,
+                        wanted=[(d.spec.name, m, {e.id for e in d.examples}) for d in tasks for m in config.modes])
+    write_summary(summary, output)
+    return summary
+
+
+def summarize(
+    records: Sequence[dict[str, Any]],
+    model: str,
+    data_info: dict[str, dict[str, Any]] | None = None,
+    wanted: Sequence[tuple[str, str, set[str]]] | None = None,
+) -> dict[str, Any]:
+    """``{"model", "results": [{"task", "mode", "n", "contains", "seconds", ...}], "gains": [...]}``.
+
+    ``contains``, ``exact_match`` and ``f1`` are percentages; ``gains`` gives, per task, each mode's
+    ``contains`` minus ``default``'s in points. ``wanted`` restricts the rows to these (task, mode, ids).
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    if wanted is None:
+        for r in records:
+            groups.setdefault((r["task"], r["mode"]), []).append(r)
+    else:
+        index = {(r["task"], r["mode"], r["id"]): r for r in records}
+        for task, mode, ids in wanted:
+            rows = [index[(task, mode, i)] for i in ids if (task, mode, i) in index]
+            if rows:
+                groups[(task, mode)] = rows
+    results = []
+    for (task, mode), rows in groups.items():
+        n = len(rows)
+        row: dict[str, Any] = {
+            "task": task,
+            "mode": mode,
+            "n": n,
+            "contains": round(100.0 * sum(bool(r["correct"]) for r in rows) / n, 2),
+            "seconds": round(sum(float(r.get("seconds", 0.0)) for r in rows), 2),
+            "n_truncated": sum(bool(r.get("truncated")) for r in rows),
+            "n_fit_truncated": sum(bool(r.get("fit_truncated")) for r in rows),
+            "mean_prompt_tokens": round(sum(r.get("prompt_tokens", 0) for r in rows) / n, 1),
+        }
+        if all("exact_match" in r for r in rows):
+            row["exact_match"] = round(100.0 * sum(bool(r["exact_match"]) for r in rows) / n, 2)
+            row["f1"] = round(100.0 * sum(float(r["f1"]) for r in rows) / n, 2)
+        if data_info and task in data_info:
+            row["n_skipped"] = data_info[task]["n_skipped"]
+        results.append(row)
+    by_key = {(r["task"], r["mode"]): r for r in results}
+    gains = [
+        {
+            "task": r["task"],
+            "mode": r["mode"],
+            "gain": round(r["contains"] - by_key[(r["task"], "default")]["contains"], 2),
+        }
+        for r in results
+        if r["mode"] != "default" and (r["task"], "default") in by_key
+    ]
+    return {"model": model, "results": results, "gains": gains}
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Markdown table: one row per task, ``contains`` per mode, the gain of each mode over ``default``."""
+    results = summary["results"]
+    modes = list(dict.fromkeys(r["mode"] for r in results))
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    by_key = {(r["task"], r["mode"]): r for r in results}
+    other = [m for m in modes if m != "default"]
+    head = ["task"] + [f"{m} (n)" for m in modes] + [f"{m} gain (pts)" for m in other if "default" in modes]
+    head += [f"{m} s" for m in modes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task in tasks:
+        cells = [task]
+        for m in modes:
+            r = by_key.get((task, m))
+            cells.append(f"{r['contains']:.1f} ({r['n']})" if r else "-")
+        if "default" in modes:
+            for m in other:
+                a, b = by_key.get((task, m)), by_key.get((task, "default"))
+                cells.append(f"{a['contains'] - b['contains']:+.1f}" if a and b else "-")
+        for m in modes:
+            r = by_key.get((task, m))
+            cells.append(f"{r['seconds']:.0f}" if r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(summary: dict[str, Any], path: str | Path) -> None:
+    """Grouped bar chart of ``contains`` per task and mode (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = summary["results"]
+    modes = list(dict.fromkeys(r["mode"] for r in results))
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    by_key = {(r["task"], r["mode"]): r for r in results}
+    width = 0.8 / max(1, len(modes))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(tasks), 3.6))
+    for j, mode in enumerate(modes):
+        xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(tasks))]
+        ys = [by_key[(t, mode)]["contains"] if (t, mode) in by_key else 0.0 for t in tasks]
+        bars = ax.bar(xs, ys, width, label=mode)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("contains (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{summary['model']}: single read vs JRT-Prompt", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_summary(summary: dict[str, Any], output: str | Path) -> None:
+    """Write ``summary.json``, ``summary.md`` and ``summary.png`` into ``output``."""
+    output = Path(output)
+    (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    (output / TABLE_FILE).write_text(f"# {summary['model']}\n\n" + format_table(summary))
+    if summary["results"]:
+        plot_summary(summary, output / CHART_FILE)
