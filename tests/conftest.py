@@ -22,7 +22,16 @@ def shared_data():
     return path
 
 
-@pytest.fixture(autouse=True)
-def _torch_threads():
-    torch.manual_seed(0)
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Test tensors are small: one torch thread is faster than several (more so on a busy machine), and
+    results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

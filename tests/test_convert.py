@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import rel_err
 from jrt import convert_cli
 from jrt.models import JRTConfig, JRTForCausalLM
 from jrt.models.convert import convert_state_dict, load_official, official_config_to_jrt
@@ -28,15 +29,6 @@ TINY_OFFICIAL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is faster than several on a busy machine (and results do not change)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_convert(argv: list[str]) -> int:
     """Run the ``jrt convert`` sub-command alone (independent of the other commands' modules)."""
     parser = argparse.ArgumentParser(prog="jrt")
@@ -45,8 +37,6 @@ def run_convert(argv: list[str]) -> int:
     return args.func(args)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def official_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:

@@ -6,22 +6,12 @@ import pytest
 import torch
 
 import jrt  # noqa: F401  (registers the Auto classes)
+from helpers import rel_err
 from jrt.models import JRTCache, JRTConfig, JRTForCausalLM, JRTModel
 
 WINDOW, MAX_PREFIX = 8, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is faster than several on a busy machine (and results do not change)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture(scope="module")

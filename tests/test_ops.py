@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import rel_err
 from jrt.ops import (
     compress_state,
     expand_state,
@@ -24,9 +25,6 @@ la = importlib.import_module("jrt.ops.linear_attention")  # the module (jrt.ops.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make_qkv(b, t, h, f, dv, dtype=torch.float64, seed=0, enc=False):

@@ -7,11 +7,8 @@ import math
 import pytest
 import torch
 
+from helpers import rel_err
 from jrt.ops import RingBuffer, apply_rotary, sliding_window_attention, sliding_window_decode_step
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def qkv(b, t, h, d, dtype=torch.float64, seed=0):
