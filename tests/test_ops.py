@@ -334,3 +334,19 @@ def test_operators_ignore_autocast(impl):
         causal, _ = linear_attention(q, k, v, impl=impl)
     assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-6
     assert rel_err(causal, linear_attention(q, k, v, impl="reference")[0]) < 1e-4
+
+
+def test_chunked_form_with_several_threads(small_segments):
+    """With several torch threads the chunked form runs independent head blocks in a thread pool."""
+    q, k, v, ke, ve = make_qkv(2, 100, 3, 4, 5, seed=12, enc=True)
+    lengths = torch.tensor([30, 0])
+    ref, s_ref = prefix_linear_attention(q, k, v, ke, ve, lengths, impl="reference", output_final_state=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            out, s = prefix_linear_attention(q, k, v, ke, ve, lengths, impl="chunk", output_final_state=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    assert rel_err(out, ref) < 1e-10 and rel_err(s[0], s_ref[0]) < 1e-10

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -242,9 +243,9 @@ def _causal_chunk(
     per_segment = min(n_chunks, budget)
     group = max(1, budget // n_chunks) if per_segment == n_chunks else 1
     outputs = None if differentiable else torch.empty_like(v1)
-    pieces, finals = [], []
-    for g0 in range(0, bh, group):
-        g1 = min(g0 + group, bh)
+    pieces: list[torch.Tensor] = []
+    def run_block(g0: int, g1: int) -> torch.Tensor:
+        """Heads ``g0:g1`` over all segments; returns their final internal state ``[G, Dc, Dv+1]``."""
         state = states[g0:g1]  # [G, Dc, Dv+1]
         for start in range(0, n_chunks, per_segment):
             stop = min(start + per_segment, n_chunks)
@@ -273,7 +274,21 @@ def _causal_chunk(
                 state = running
                 flat = (-1, c, dv1)
                 o1.view(flat).baddbmm_(_features(qc).view(-1, c, before.shape[-2]), before.view(-1, *before.shape[2:]))
-        finals.append(state)
+        return state
+
+    blocks = [(g0, min(g0 + group, bh)) for g0 in range(0, bh, group)]
+    threads = torch.get_num_threads()
+    if not differentiable and q.device.type == "cpu" and threads > 1 and len(blocks) > 1:
+        # independent blocks on a CPU: one block per thread (each single-threaded) beats splitting every
+        # small operation across threads
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=min(threads, len(blocks))) as pool:
+                finals = list(pool.map(lambda span: run_block(*span), blocks))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        finals = [run_block(g0, g1) for g0, g1 in blocks]
     if differentiable:
         # pieces are ordered by head group, then by segment
         rows = []
