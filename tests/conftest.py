@@ -35,3 +35,14 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The offline GPT-2 tokenizer (skips when the data folder is absent)."""
+    from recall_fixtures import gpt2_tokenizer
+
+    t = gpt2_tokenizer()
+    if t is None:
+        pytest.skip("offline GPT-2 tokenizer not found (set JRT_DATA_DIR)")
+    return t

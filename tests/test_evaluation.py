@@ -13,17 +13,9 @@ import jrt.evaluation.runner as runner
 from jrt.evaluation import EvalConfig, evaluate, generate, prepare, read_results
 from jrt.evaluation.engine import _NewlineStop, stop_token_ids
 from jrt.tasks import Example, find_answer, get_task, load_task
-from recall_fixtures import gpt2_tokenizer, tiny_llama, tiny_mamba, write_recall_files
+from recall_fixtures import tiny_llama, tiny_mamba, write_recall_files
 
 NEW = 8  # new tokens in most tests (keeps them fast; the 48-token cap is tested separately)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    t = gpt2_tokenizer()
-    if t is None:
-        pytest.skip("offline GPT-2 tokenizer not found (set JRT_DATA_DIR)")
-    return t
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,11 @@ import pytest
 
 from jrt.evaluation import EvalConfig, evaluate, lm_eval_tasks_dir, read_results
 from jrt.tasks import TASKS, load_task
-from recall_fixtures import gpt2_tokenizer, tiny_llama, write_recall_files
+from recall_fixtures import tiny_llama, write_recall_files
 
 lm_eval = pytest.importorskip("lm_eval")
 
 NEW = 48  # the tasks' real generation cap: the agreement is checked on the real settings
-
-
-@pytest.fixture(scope="module")
-def tok():
-    t = gpt2_tokenizer()
-    if t is None:
-        pytest.skip("offline GPT-2 tokenizer not found (set JRT_DATA_DIR)")
-    return t
 
 
 def _task_manager(data_dir: Path):
