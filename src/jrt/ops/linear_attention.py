@@ -209,15 +209,18 @@ def _to_canonical(internal: torch.Tensor, f: int) -> torch.Tensor:
 
 
 def _causal_chunk(
-    q, k, v1, state0, extra=None, chunk_size: int | None = None, segment_size: int | None = None
+    q, k, v1, state0, encoder=None, chunk_size: int | None = None, segment_size: int | None = None
 ):
     """Chunked form, linear in T, on ``[B, H, T, *]``.
 
-    ``extra`` (``[B, H, Dc, Dv+1]``, internal space) is added to the initial state: the encoder state of
-    prefix linear attention. Intra-chunk: ``tril(1 + s + s^2/2) @ [v, 1]`` with ``s = q.k/sqrt(F)``;
-    inter-chunk: exclusive prefix sums of per-chunk states in the internal feature space above. The work is
-    vectorised over the chunks of one (sequence, head) pair and one segment of time at a time, so that every
-    operand is a contiguous block and the working memory is bounded by the segment, whatever B, H and T are.
+    ``encoder = (k_enc [B, H, L, F], v1_enc [B, H, L, Dv+1])`` (prefix linear attention; rows outside the
+    prefix zeroed): its state is added to the initial state of each block.
+
+    Intra-chunk: ``tril(1 + s + s^2/2) @ [v, 1]`` with ``s = q.k/sqrt(F)``; inter-chunk: exclusive prefix sums
+    of per-chunk states in the internal feature space above. The work is vectorised over the chunks of a block
+    of (sequence, head) pairs and one segment of time at a time, so that every operand is contiguous and the
+    working memory is bounded by the segment, whatever B, H and T are; on a multi-core CPU the blocks (with
+    their encoder sums) run in a thread pool.
     """
     b, h, t, f = q.shape
     c = min(chunk_size or CHUNK_SIZE, t)
@@ -235,8 +238,8 @@ def _causal_chunk(
         states = _to_internal(state0.reshape(bh, -1, dv1), f)
     else:
         states = q.new_zeros(bh, feature_dim(f, compressed=True), dv1)
-    if extra is not None:
-        states = states + extra.reshape(bh, -1, dv1)
+    if encoder is not None:
+        enc_k, enc_v1 = (x.reshape(bh, x.shape[-2], x.shape[-1]) for x in encoder)
     # blocks of G (sequence, head) pairs x n chunks: whole sequences of several heads when they are short,
     # one head and a segment of time when they are long; every block is contiguous
     budget = max(1, (segment_size or SEGMENT_SIZE) // c)
@@ -247,6 +250,8 @@ def _causal_chunk(
     def run_block(g0: int, g1: int) -> torch.Tensor:
         """Heads ``g0:g1`` over all segments; returns their final internal state ``[G, Dc, Dv+1]``."""
         state = states[g0:g1]  # [G, Dc, Dv+1]
+        if encoder is not None:
+            state = state + _encoder_state_internal(enc_k[g0:g1], enc_v1[g0:g1])
         for start in range(0, n_chunks, per_segment):
             stop = min(start + per_segment, n_chunks)
             qc, kc, vc = (x[g0:g1, start:stop] for x in (q, k, v1))  # [G, n, C, *]
@@ -304,17 +309,17 @@ _CAUSAL_FORMS = {"reference": _causal_reference, "recurrent": _causal_recurrent,
 
 
 def _encoder_state_internal(k_enc: torch.Tensor, v1_enc: torch.Tensor) -> torch.Tensor:
-    """``sum_j w * phi_k(ke_j) [ve_j, 1]^T`` in the chunked form's internal space: ``[B, H, Dc, Dv+1]``.
+    """``sum_j w * phi_k(ke_j) [ve_j, 1]^T`` in the chunked form's internal space: ``[..., Dc, Dv+1]``.
 
-    ``k_enc [B, H, L, F]`` and ``v1_enc [B, H, L, Dv+1]`` (rows outside the prefix zeroed) cover the positions
+    ``k_enc [..., L, F]`` and ``v1_enc [..., L, Dv+1]`` (rows outside the prefix zeroed) cover the positions
     up to the last prefix token only; the sum runs over segments so that the features stay small.
     """
     f = k_enc.shape[-1]
     k_enc = k_enc * f**-0.5
     total = None
     for start in range(0, k_enc.shape[-2], SEGMENT_SIZE):
-        part = _features(k_enc[:, :, start : start + SEGMENT_SIZE].contiguous()).transpose(-1, -2)
-        part = part @ v1_enc[:, :, start : start + SEGMENT_SIZE]
+        part = _features(k_enc[..., start : start + SEGMENT_SIZE, :].contiguous()).transpose(-1, -2)
+        part = part @ v1_enc[..., start : start + SEGMENT_SIZE, :]
         total = part if total is None else total + part
     return total * _diagonal_weights(f, total.dtype, total.device)
 
@@ -463,8 +468,7 @@ def prefix_linear_attention(
             ke = _to_bhtd(k_enc[:, :cut], dtype)
             ve1 = _augment(_to_bhtd(v_enc[:, :cut], dtype), in_prefix[:, :cut])
             if impl == "chunk":
-                extra = _encoder_state_internal(ke, ve1) if cut else None
-                o1, state = _causal_chunk(qh, kh, v1, packed0, extra)
+                o1, state = _causal_chunk(qh, kh, v1, packed0, (ke, ve1) if cut else None)
             else:
                 enc = taylor_feature_map(ke).transpose(-1, -2) @ ve1
                 o1, state = _causal_recurrent(qh, kh, v1, enc if packed0 is None else packed0 + enc)
