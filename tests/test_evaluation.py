@@ -11,7 +11,7 @@ import torch
 import jrt.cli
 import jrt.evaluation.runner as runner
 from jrt.evaluation import EvalConfig, evaluate, generate, prepare, read_results
-from jrt.evaluation.engine import _NewlineStop, stop_token_ids
+from jrt.evaluation.engine import _cache_of, _NewlineStop, rows_selectable, stop_token_ids
 from jrt.tasks import Example, find_answer, get_task, load_task
 from recall_fixtures import tiny_llama, tiny_mamba, write_recall_files
 
@@ -39,6 +39,60 @@ def test_batched_left_padded_equals_one_by_one(make, tok) -> None:
     single = [generate(model, tok, [p], max_new_tokens=4)[0] for p in prompts]
     assert batched == single
     assert all("\n" not in g for g in batched)
+
+
+def _tiny_jrt():
+    models = pytest.importorskip("jrt.models")
+    torch.manual_seed(0)
+    return models.JRTForCausalLM(models.JRTConfig.from_preset("jrt-tiny")).eval()
+
+
+ROUND_PROMPTS = [
+    "the cat sat on a mat while the dog ran in the park every day of the week",
+    "a dog",
+    "some cat ran on the mat",
+    "every day the park",
+    "the week of the dog and the cat and the mat",
+]
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_mamba, _tiny_jrt], ids=["llama", "mamba", "jrt"])
+def test_rounds_drop_finished_rows_and_keep_every_generation(make, tok, monkeypatch) -> None:
+    """Decoding in rounds (finished rows leave the batch and its cache) gives each row's one-by-one text.
+
+    The stop string ``e`` ends rows after different numbers of tokens, so rows leave at different rounds.
+    """
+    model = make().to(torch.float64)
+    single = [generate(model, tok, [p], max_new_tokens=12, stop="e")[0] for p in ROUND_PROMPTS]
+    assert len({len(s) for s in single}) > 1  # rows really finish at different times
+    selectable = rows_selectable(_cache_after_one_token(model, tok))  # Mamba's layers may lack row selection
+    calls: list[int] = []
+    real = model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    for rounds in (None, 1, 3):
+        calls.clear()
+        assert generate(model, tok, ROUND_PROMPTS, max_new_tokens=12, stop="e", round_tokens=rounds) == single
+        if rounds is None:
+            assert calls == [len(ROUND_PROMPTS)]
+    if selectable:  # the last run (rounds of 3) shrank the batch as rows finished
+        assert calls[0] == len(ROUND_PROMPTS) and calls[-1] < calls[0] and calls == sorted(calls, reverse=True)
+
+
+def _cache_after_one_token(model, tok):
+    enc = tok(["a b", "c"], return_tensors="pt", padding=True)
+    out = model.generate(**enc, max_new_tokens=1, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    return _cache_of(out)[1]
+
+
+def test_rows_selectable(tok, llama) -> None:
+    assert not rows_selectable(None) and not rows_selectable(object())
+    assert rows_selectable(_cache_after_one_token(llama, tok))  # DynamicCache of attention layers
+    assert rows_selectable(_cache_after_one_token(_tiny_jrt(), tok))  # JRTCache
 
 
 def _constant_gpt2(tok, token: str):

@@ -9,6 +9,7 @@ import importlib
 BENCHMARK_MODULES: tuple[str, ...] = (
     "jrt.bench.prefill",
     "jrt.bench.decode",
+    "jrt.bench.generate",
 )
 
 

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated tasks, or 'all' (default: %(default)s)")
     p.add_argument("--modes", default="default,twice", help="comma-separated: default, twice, repeat<k>")
     p.add_argument("--limit", type=int, default=None, help="first N examples per task")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per generate call (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="folder with <task>.jsonl/.json/.parquet (default: the Hub)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: %(default)s)")

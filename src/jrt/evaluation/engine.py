@@ -116,6 +116,39 @@ def stop_token_ids(tokenizer: Any, stop: str = STOP) -> frozenset[int]:
     return _STOP_CACHE[key]
 
 
+#: New tokens per ``generate`` call between two removals of finished rows from a batch.
+ROUND_TOKENS = 8
+
+
+def _cache_of(output: Any) -> tuple[str | None, Any]:
+    """``(name, cache)`` of a ``generate(..., return_dict_in_generate=True)`` output; the name is the keyword that
+    passes it back to ``generate`` (``cache`` since transformers 5, ``past_key_values`` before)."""
+    for key in ("cache", "past_key_values", "cache_params"):
+        value = getattr(output, key, None)
+        if value is not None:
+            return key, value
+    return None, None
+
+
+def rows_selectable(cache: Any) -> bool:
+    """Whether finished rows can be removed from ``cache`` in place (``batch_select_indices`` on the cache and,
+    for ``transformers``' layered caches, on every layer; recurrent layers of some versions lack it)."""
+    if cache is None or not callable(getattr(cache, "batch_select_indices", None)):
+        return False
+    layers = getattr(cache, "layers", None)
+    if layers is None or type(cache).__name__ == "JRTCache":
+        return True
+    return all(callable(getattr(layer, "batch_select_indices", None)) for layer in layers)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return {int(i) for i in ids}
+
+
 @torch.inference_mode()
 def generate(
     model: Any,
@@ -124,12 +157,19 @@ def generate(
     max_new_tokens: int = MAX_NEW_TOKENS,
     stop: str = STOP,
     add_special_tokens: bool = False,
+    round_tokens: int | None = ROUND_TOKENS,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` in one left-padded batch, each cut at the first ``stop``.
 
     Input ids ``[B, T]`` (left padded, attention mask ``[B, T]``) go through ``model.generate``; a row stops
     at a token containing ``stop`` or at EOS, at most ``max_new_tokens`` new tokens. Returns the decoded new
     text of each row (special tokens skipped) up to, not including, ``stop``.
+
+    With ``B > 1`` and a cache that supports it (``transformers``' ``DynamicCache``, :class:`jrt.models.JRTCache`),
+    decoding runs in rounds of ``round_tokens`` new tokens: after each round the finished rows leave the batch
+    and its cache, and ``generate`` continues the remaining rows from the cache, so a batch no longer decodes
+    every row until its longest answer ends. Each row's tokens are the same as in one ``generate`` call (greedy,
+    same cache contents). ``round_tokens=None`` (or a cache without row selection) uses one call.
     """
     if not prompts:
         return []
@@ -143,14 +183,45 @@ def generate(
     from transformers import StoppingCriteriaList
 
     stopper = _NewlineStop(tokenizer, prompt_len, stop)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        stopping_criteria=StoppingCriteriaList([stopper]),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    texts = tokenizer.batch_decode(out[:, prompt_len:].tolist(), skip_special_tokens=True)
+    common = {
+        "do_sample": False,
+        "num_beams": 1,
+        "stopping_criteria": StoppingCriteriaList([stopper]),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    n = len(prompts)
+    step = max_new_tokens if round_tokens is None or n == 1 else max(1, round_tokens)
+    finished: dict[int, list[int]] = {}
+    rows = torch.arange(n, device=device)  # original index of each live row
+    done_ids = stopper.stop_ids | _eos_ids(model, tokenizer)
+    cache_kwargs: dict[str, Any] = {}
+    produced = 0
+    while rows.numel() and produced < max_new_tokens:
+        k = min(step, max_new_tokens - produced)
+        last_round = k == max_new_tokens - produced
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=k,
+                             return_dict_in_generate=not last_round, **cache_kwargs, **common)
+        seq = out if last_round else out.sequences
+        added = seq.shape[1] - input_ids.shape[1]
+        produced += added
+        new = seq[:, prompt_len:].tolist()
+        is_done = [last_round or added < k or any(t in done_ids for t in row) for row in new]
+        for i, d in enumerate(is_done):
+            if d:
+                finished.setdefault(int(rows[i]), new[i])
+        if all(is_done):
+            break
+        key, cache = _cache_of(out)
+        if not rows_selectable(cache):  # cannot drop rows: finish the batch in one call from its cache
+            step = max_new_tokens
+        keep = torch.tensor([not d for d in is_done], device=device)
+        if not keep.all() and rows_selectable(cache):
+            index = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(index)
+            rows, seq = rows[index], seq[index]
+            attention_mask = attention_mask[index]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(seq.shape[0], added)], dim=1)
+        input_ids = seq
+        cache_kwargs = {key: cache}
+    texts = tokenizer.batch_decode([finished.get(i, []) for i in range(n)], skip_special_tokens=True)
     return [t.split(stop)[0] for t in texts]

@@ -61,7 +61,7 @@ class EvalConfig:
     Attributes:
         model: model name as given by the user.
         modes: prompting modes.
-        batch_size: examples per generate call.
+        batch_size: examples per batch (finished rows leave it during decoding, see ``engine.generate``).
         max_new_tokens: generation cap.
         max_length: model positions (None: unbounded).
         truncation_tokenizer: ``gpt2`` or ``model``.
@@ -69,7 +69,7 @@ class EvalConfig:
 
     model: str
     modes: list[str]
-    batch_size: int = 8
+    batch_size: int = 16
     max_new_tokens: int = MAX_NEW_TOKENS
     max_length: int | None = None
     truncation_tokenizer: str = "gpt2"

@@ -85,6 +85,11 @@ class JRTCache:
         self.seen_tokens = self.seen_tokens[beam_idx]
         self.batch_size = int(beam_idx.shape[0])
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows ``indices`` ``[B']`` (the ``transformers.Cache`` name used when a batched
+        generation drops finished rows)."""
+        self.reorder_cache(indices)
+
     def activate_past_recording(self) -> None:  # pragma: no cover - only used by assisted decoding on mps
         raise NotImplementedError("JRTCache cannot roll back recurrent states")
 
