@@ -83,6 +83,22 @@ def test_rounds_drop_finished_rows_and_keep_every_generation(make, tok, monkeypa
         assert calls[0] == len(ROUND_PROMPTS) and calls[-1] < calls[0] and calls == sorted(calls, reverse=True)
 
 
+def test_rounds_without_a_returned_cache_recompute(tok, monkeypatch) -> None:
+    """A model whose ``generate`` returns no cache still gets every row's text (the rest in one call)."""
+    from types import SimpleNamespace
+
+    model = tiny_llama().to(torch.float64)
+    single = [generate(model, tok, [p], max_new_tokens=12, stop="e")[0] for p in ROUND_PROMPTS]
+    real = model.generate
+
+    def no_cache(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return SimpleNamespace(sequences=out.sequences) if kwargs.get("return_dict_in_generate") else out
+
+    monkeypatch.setattr(model, "generate", no_cache)
+    assert generate(model, tok, ROUND_PROMPTS, max_new_tokens=12, stop="e", round_tokens=3) == single
+
+
 def _cache_after_one_token(model, tok):
     enc = tok(["a b", "c"], return_tensors="pt", padding=True)
     out = model.generate(**enc, max_new_tokens=1, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)

@@ -222,6 +222,6 @@ def generate(
             attention_mask = attention_mask[index]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(seq.shape[0], added)], dim=1)
         input_ids = seq
-        cache_kwargs = {key: cache}
+        cache_kwargs = {key: cache} if key is not None else {}  # no cache returned: the next call re-reads all
     texts = tokenizer.batch_decode([finished.get(i, []) for i in range(n)], skip_special_tokens=True)
     return [t.split(stop)[0] for t in texts]
