@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
+
+from jrt.bench import write_json
 
 DEFAULT_CONTEXTS = (1024, 4096, 16384, 32768)
 DEFAULT_BATCHES = (1, 8)
@@ -256,9 +256,7 @@ def run(args: argparse.Namespace) -> int:
                        "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
                        "parameters": params, "device": "cpu", "torch": torch.__version__},
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, payload)
     return 0
 
 

@@ -14,10 +14,10 @@ buys.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 from typing import Any
+
+from jrt.bench import write_json
 
 DEFAULT_BATCH_SIZES = (1, 16, 32)
 DEFAULT_DTYPES = ("float32", "bfloat16")
@@ -132,9 +132,7 @@ def run(args: argparse.Namespace) -> int:
                        "max_new_tokens": args.max_new_tokens, "device": args.device,
                        "threads": torch.get_num_threads(), "cpu": _cpu_name(), "torch": torch.__version__},
         }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, payload)
     return 0
 
 

@@ -14,7 +14,6 @@ run. Peak memory is the CUDA allocator's peak on a GPU and the growth of the res
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import threading
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from jrt.bench import write_json
 from jrt.ops import linear_attention, prefix_linear_attention
 from jrt.ops.feature_map import feature_dim
 
@@ -330,9 +330,7 @@ def _main(args: argparse.Namespace) -> int:
                          warmup=args.warmup, impl=args.impl, progress=lambda s: print(s, flush=True))
     print(format_table(result))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return 0
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from jrt.bench import write_json
+
 #: Methods measured on CUDA, in table order.
 CUDA_METHODS = (
     "sdpa", "jrt_prompt", "jrt_rnn", "based", "based_vmajor", "fla_fused_chunk_based", "fla_parallel_based",
@@ -294,10 +296,7 @@ def run_and_write(
     table = markdown_table(result)
     print(table)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        json_path.with_suffix(".md").write_text(table)
-        print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
+        write_json(json_path, result).with_suffix(".md").write_text(table)
     return 0
 
 
