@@ -169,7 +169,8 @@ def generate(
     decoding runs in rounds of ``round_tokens`` new tokens: after each round the finished rows leave the batch
     and its cache, and ``generate`` continues the remaining rows from the cache, so a batch no longer decodes
     every row until its longest answer ends. Each row's tokens are the same as in one ``generate`` call (greedy,
-    same cache contents). ``round_tokens=None`` (or a cache without row selection) uses one call.
+    same cache contents). ``round_tokens=None`` uses one call; a cache without row selection finishes the batch
+    in one call after the first round.
     """
     if not prompts:
         return []
@@ -214,9 +215,8 @@ def generate(
         key, cache = _cache_of(out)
         if not rows_selectable(cache):  # cannot drop rows: finish the batch in one call from its cache
             step = max_new_tokens
-        keep = torch.tensor([not d for d in is_done], device=device)
-        if not keep.all() and rows_selectable(cache):
-            index = keep.nonzero().squeeze(1)
+        elif any(is_done):
+            index = torch.tensor([i for i, d in enumerate(is_done) if not d], device=device)
             cache.batch_select_indices(index)
             rows, seq = rows[index], seq[index]
             attention_mask = attention_mask[index]
