@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from jrt.evaluation import distributed
     from jrt.evaluation.models import (
         load_model,
         load_tokenizer,
@@ -82,9 +83,11 @@ def run(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
+    ranks = distributed.RankInfo.from_env()  # several processes under torchrun / accelerate launch
+    device = ranks.device(args.device)
     source, gguf = resolve_model_source(args.model, args.gguf_file)
     tokenizer = load_tokenizer(source, gguf, args.tokenizer, args.trust_remote_code)
-    model = load_model(source, gguf, args.device, args.dtype, args.trust_remote_code)
+    model = load_model(source, gguf, device, args.dtype, args.trust_remote_code)
     max_length = args.max_length or model_max_length(model)
     trunc_tok = offline_gpt2_tokenizer() if args.truncation_tokenizer == "gpt2" else None
     config = EvalConfig(
@@ -96,8 +99,14 @@ def run(args: argparse.Namespace) -> int:
         truncation_tokenizer=args.truncation_tokenizer,
         extra={"gguf_file": gguf, "dtype": args.dtype, "device": args.device},
     )
-    summary = evaluate(model, tokenizer, data, config, args.output, trunc_tok,
-                       add_special_tokens=args.add_bos, progress=not args.no_progress)
+    distributed.init(ranks, device)
+    try:
+        summary = evaluate(model, tokenizer, data, config, args.output, trunc_tok,
+                           add_special_tokens=args.add_bos, progress=not args.no_progress, ranks=ranks)
+    finally:
+        distributed.shutdown(ranks)
+    if not ranks.is_main:
+        return 0
     print(format_table(summary), end="")
     for d in data:
         if d.n_skipped:

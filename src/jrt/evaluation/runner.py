@@ -11,6 +11,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from jrt.evaluation.distributed import RankInfo, barrier, results_files
 from jrt.evaluation.engine import MAX_NEW_TOKENS, generate, prepare
 from jrt.prompting.templates import mode_repeats
 from jrt.tasks.metrics import contains, exact_match, token_f1
@@ -32,8 +33,9 @@ def score(prediction: str, golds: Sequence[str], span_metrics: bool) -> dict[str
     return out
 
 
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a results JSONL; a torn last line (interrupted write) is dropped and cut from the file."""
+def read_results(path: str | Path, repair: bool = True) -> list[dict[str, Any]]:
+    """Records of a results JSONL; a torn last line (interrupted write) is dropped, and with ``repair`` cut
+    from the file (only the process that appends to a file may repair it)."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -48,7 +50,7 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
                     break  # torn final line
                 raise ValueError(f"{path}: corrupt line {len(records) + 1}; remove it to resume") from None
             good_bytes += len(raw)
-    if good_bytes < path.stat().st_size:
+    if repair and good_bytes < path.stat().st_size:
         with path.open("r+b") as fh:
             fh.truncate(good_bytes)
     return records
@@ -76,7 +78,7 @@ class EvalConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_run(output: Path, config: EvalConfig) -> None:
+def _check_run(output: Path, config: EvalConfig, write: bool = True) -> None:
     path = output / RUN_FILE
     mine = {"model": config.model, "max_new_tokens": config.max_new_tokens,
             "truncation_tokenizer": config.truncation_tokenizer}
@@ -91,7 +93,8 @@ def _check_run(output: Path, config: EvalConfig) -> None:
                     f"{output} holds results of a run with {key}={old[key]!r} (now {value!r}); "
                     "use another --output"
                 )
-    path.write_text(json.dumps({**mine, **config.extra}, indent=1) + "\n")
+    if write:
+        path.write_text(json.dumps({**mine, **config.extra}, indent=1) + "\n")
 
 
 def evaluate(
@@ -103,6 +106,7 @@ def evaluate(
     truncation_tokenizer: Any | None = None,
     add_special_tokens: bool = False,
     progress: bool = True,
+    ranks: RankInfo | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on every task x mode, appending to ``output/results.jsonl`` as batches finish.
 
@@ -110,23 +114,30 @@ def evaluate(
     resumes where it stopped. Within a task x mode, examples are batched by decreasing prompt length (left
     padding, as lm-evaluation-harness does). Returns the summary (also written as ``summary.json``,
     ``summary.md`` and ``summary.png``).
+
+    With ``ranks`` (several processes, :mod:`jrt.evaluation.distributed`), this process evaluates every
+    ``world_size``-th example into ``results.rank<K>.jsonl``; after a barrier the summary covers every rank's
+    results and rank 0 writes it.
     """
+    ranks = ranks or RankInfo()
     if config.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {config.batch_size}")
     for mode in config.modes:
         mode_repeats(mode)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    _check_run(output, config)
-    results_path = output / RESULTS_FILE
+    _check_run(output, config, write=ranks.is_main)
+    results_path = output / ranks.results_name()
     done = {(r["task"], r["mode"], r["id"]) for r in read_results(results_path)}
+    done |= {(r["task"], r["mode"], r["id"]) for r in _read_all(output, skip=results_path)}
     data_info: dict[str, dict[str, Any]] = {}
     with results_path.open("a", encoding="utf-8") as sink:
         for data in tasks:
             spec = data.spec
             data_info[spec.name] = {"n_skipped": data.n_skipped, "source": data.source}
             for mode in config.modes:
-                todo = [ex for ex in data.examples if (spec.name, mode, ex.id) not in done]
+                todo = [ex for i, ex in enumerate(data.examples)
+                        if ranks.owns(i) and (spec.name, mode, ex.id) not in done]
                 if not todo:
                     continue
                 prepared = [
@@ -135,7 +146,8 @@ def evaluate(
                     for ex in tqdm(todo, desc=f"prepare {spec.name}/{mode}", disable=not progress, leave=False)
                 ]
                 prepared.sort(key=lambda p: -p.prompt_tokens)
-                bar = tqdm(total=len(prepared), desc=f"{spec.name}/{mode}", disable=not progress)
+                desc = f"{spec.name}/{mode}" + (f" [rank {ranks.rank}]" if ranks.world_size > 1 else "")
+                bar = tqdm(total=len(prepared), desc=desc, disable=not progress, position=ranks.rank)
                 for start in range(0, len(prepared), config.batch_size):
                     batch = prepared[start : start + config.batch_size]
                     t0 = time.perf_counter()
@@ -160,10 +172,18 @@ def evaluate(
                     sink.flush()
                     bar.update(len(batch))
                 bar.close()
-    summary = summarize(read_results(results_path), config.model, data_info,
+    barrier(ranks)
+    summary = summarize(_read_all(output), config.model, data_info,
                         wanted=[(d.spec.name, m, {e.id for e in d.examples}) for d in tasks for m in config.modes])
-    write_summary(summary, output)
+    if ranks.is_main:
+        write_summary(summary, output)
     return summary
+
+
+def _read_all(output: Path, skip: Path | None = None) -> list[dict[str, Any]]:
+    """The records of every results file of ``output`` (one process's and each rank's) but ``skip``, read
+    without repairing (another rank may be appending to its file)."""
+    return [r for path in results_files(output) if path != skip for r in read_results(path, repair=False)]
 
 
 def summarize(
