@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from helpers import rel_err
 from jrt.ops import (
+    IMPL_ENV,
     compress_state,
     expand_state,
     feature_dim,
@@ -21,7 +22,7 @@ from jrt.ops import (
     taylor_kernel,
 )
 
-la = importlib.import_module("jrt.ops.linear_attention")  # the module (jrt.ops.linear_attention is the function)
+chunk = importlib.import_module("jrt.ops.based.chunk")
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
@@ -36,8 +37,8 @@ def make_qkv(b, t, h, f, dv, dtype=torch.float64, seed=0, enc=False):
 @pytest.fixture
 def small_segments(monkeypatch):
     """Small chunks and segments so that short test sequences cross several chunk and segment boundaries."""
-    monkeypatch.setattr(la, "CHUNK_SIZE", 16)
-    monkeypatch.setattr(la, "SEGMENT_SIZE", 48)
+    monkeypatch.setattr(chunk, "CHUNK_SIZE", 16)
+    monkeypatch.setattr(chunk, "SEGMENT_SIZE", 48)
 
 
 # ------------------------------------------------------------------------------------------ feature map
@@ -281,13 +282,13 @@ def test_property_chunk_equals_reference(b, t, h, f, dv, data):
 
 def test_auto_dispatch(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.delenv(la.IMPL_ENV, raising=False)
+    monkeypatch.delenv(IMPL_ENV, raising=False)
     assert resolve_impl("auto", cpu, 1000) == "chunk"
     assert resolve_impl("auto", cpu, 1) == "recurrent"
     assert resolve_impl("reference", cpu, 1000) == "reference"
-    monkeypatch.setenv(la.IMPL_ENV, "reference")
+    monkeypatch.setenv(IMPL_ENV, "reference")
     assert resolve_impl("auto", cpu, 1000) == "reference"
-    monkeypatch.setenv(la.IMPL_ENV, "bogus")
+    monkeypatch.setenv(IMPL_ENV, "bogus")
     with pytest.raises(ValueError, match="unknown impl"):
         resolve_impl("auto", cpu, 10)
 

@@ -319,7 +319,7 @@ def test_import_error_without_triton(monkeypatch):
     """Without Triton, ``import jrt.ops.triton`` raises ImportError and the dispatcher reports it cleanly."""
     import sys
 
-    from jrt.ops.linear_attention import triton_available
+    from jrt.ops.based.api import triton_available
 
     monkeypatch.setitem(sys.modules, "triton", None)
     for name in [m for m in sys.modules if m == "jrt.ops.triton" or m.startswith("jrt.ops.triton.")]:
