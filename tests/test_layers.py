@@ -160,3 +160,13 @@ def test_full_attention_fast_path_matches_the_operator():
     q, k, v = layer.Wqkv(x).unflatten(-1, (3, H, D // H)).unbind(dim=2)
     expected = layer.out_proj(sliding_window_attention(q, k, v, 30, impl="reference").flatten(-2))
     assert rel_err(layer(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [("rms_norm_eps", -1e-5, "rms_norm_eps"), ("linear_attention_eps", -1.0, "linear_attention_eps"),
+     ("rotary_base", 0.0, "rotary_base"), ("ops_impl", "fast", "ops_impl")],
+)
+def test_config_rejects_bad_numbers(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        config(**{field: value})
