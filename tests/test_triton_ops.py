@@ -329,14 +329,14 @@ def test_cuda_launch_setup():
 
 
 @cpu_kernels
-@pytest.mark.parametrize("method", ["jrt_prompt", "jrt_rnn", "based", "based_vmajor"])
+@pytest.mark.parametrize("method", ["jrt_prompt", "jrt_rnn", "based"])
 def test_benchmark_cases_run(method):
-    from jrt.bench import prefill_cuda
+    from jrt.bench.prefill_methods import Shape, build
 
-    fn, flops, tokens, nbytes = prefill_cuda._make_case(method, 1, 2, 32, 16, 16, CPU, torch.float32, {})
-    o, state = fn()
+    case = build(method, "kernels", Shape(1, 2, 32, 16, 16, CPU, torch.float32))
+    o, state = case.run()
     assert o.shape == (1, 64 if method == "jrt_prompt" else 32, 2, 16) and state is None
-    assert flops > 0 and tokens == 32 and nbytes > 0
+    assert case.flops > 0 and case.tokens == 32 and case.nbytes > 0
 
 
 def test_benchmark_table_and_cuda_check():
