@@ -137,7 +137,7 @@ def test_prefix_matches_reference(small_segments, dtype, impl):
 
 
 def test_prefix_reference_is_the_formula():
-    """The reference itself, against a direct loop over positions of DESIGN.md's formula."""
+    """The reference itself, against a direct loop over positions of the formula in docs/design.md."""
     q, k, v, ke, ve = make_qkv(1, 9, 1, 3, 2, seed=2, enc=True)
     m, eps = 4, 1e-6
     phi = taylor_feature_map

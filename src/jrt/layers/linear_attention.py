@@ -121,7 +121,7 @@ class BasedLinearAttention(nn.Module):
 
 class PrefixLinearAttention(BasedLinearAttention):
     """JRT-RNN prefix linear attention: Based plus encoder projections ``proj_k_enc, proj_v_enc`` that read the
-    first ``M_b`` real tokens of each sequence non-causally (docs/design.md, "Operators").
+    first ``M_b`` real tokens of each sequence non-causally (docs/design.md, section 3).
 
     The prefix rules live here (and only here): on the first call of a sequence (no state, or an empty one) the
     prefix is ``prefix_lengths`` (int ``[B]`` or int) or, when None, every real token capped at

@@ -24,7 +24,7 @@ _SWA_360M = (2, 7, 12, 17, 22)
 _PLA_1B = (1, 6, 11, 16, 21, 27, 33)
 _SWA_1B = (2, 7, 12, 17, 22, 28, 34)
 
-#: Published shapes (docs/design.md, "Published configurations") and small test/demo shapes; ``from_preset``
+#: Published shapes (docs/design.md, section 4) and small test/demo shapes; ``from_preset``
 #: copies these.
 PRESETS: dict[str, dict[str, Any]] = {
     "jrt-360m": {

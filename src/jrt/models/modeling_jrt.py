@@ -1,7 +1,7 @@
 """JRT-RNN as a Hugging Face model: ``JRTModel`` (the backbone) and ``JRTForCausalLM`` (tied LM head,
 ``generate()``), with a recurrent cache whose size does not grow with the context.
 
-Block (docs/design.md, "The JRT-RNN model"): ``h = h + mixer(norm1(h)); h = h + mlp(norm2(h))`` with RMSNorm
+Block (docs/design.md, section 3): ``h = h + mixer(norm1(h)); h = h + mlp(norm2(h))`` with RMSNorm
 pre-norms, a SwiGLU MLP and the residual stream kept in float32. No absolute positions (SWA uses rotary inside).
 Each block builds its mixer from the registry :data:`jrt.layers.MIXERS` as ``MIXERS[config.mixers[i]](config, i)``;
 the model never looks at mixer names.
