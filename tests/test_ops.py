@@ -69,6 +69,21 @@ def test_compressed_state_round_trip():
     assert rel_err(expand_state(small, f), full) < 1e-13
 
 
+def test_chunked_running_state_is_the_compressed_space():
+    """The chunked form's running state is the public compressed state scaled by the map's weights: reading it
+    with the query monomials equals phi(q) . S, and the conversions are inverse."""
+    from jrt.ops.feature_map import monomials
+
+    f = 5
+    g = torch.Generator().manual_seed(3)
+    k, v, q = (torch.randn(30, n, generator=g, dtype=torch.float64) for n in (f, 4, f))
+    full = taylor_feature_map(k).T @ v  # [D, Dv]
+    internal = chunk.to_internal(full, f)
+    assert rel_err(monomials(q) @ internal, taylor_feature_map(q) @ full) < 1e-13
+    assert rel_err(chunk.to_full(internal, f), full) < 1e-13
+    assert rel_err(internal, compress_state(full, f) * chunk.monomial_weights(f, torch.float64)[:, None]) < 1e-15
+
+
 def test_feature_map_rejects_integers():
     with pytest.raises(ValueError, match="floating-point"):
         taylor_feature_map(torch.ones(3, 4, dtype=torch.long))
