@@ -366,3 +366,14 @@ def test_chunked_form_with_several_threads(small_segments):
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads
     assert rel_err(out, ref) < 1e-10 and rel_err(s[0], s_ref[0]) < 1e-10
+
+
+def test_first_call_in_inference_mode_then_autograd():
+    """Cached index tensors made during an inference-mode call must not break a later autograd call."""
+    q, k, v = make_qkv(1, 20, 1, 7, 2, torch.float32, seed=40)
+    with torch.inference_mode():
+        linear_attention(q, k, v, impl="chunk", output_final_state=True)
+    q.requires_grad_(True)
+    o, (s, z) = linear_attention(q, k, v, impl="chunk", output_final_state=True)
+    (o.sum() + s.sum()).backward()
+    assert q.grad is not None and q.grad.isfinite().all()

@@ -23,7 +23,9 @@ def feature_dim(f: int, compressed: bool = False) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _triu_indices(f: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = torch.triu_indices(f, f)
+    # cached: made outside inference mode, so that autograd may save them even when the first call is inside it
+    with torch.inference_mode(False):
+        rows, cols = torch.triu_indices(f, f)
     return rows, cols
 
 
