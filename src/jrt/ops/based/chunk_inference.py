@@ -52,7 +52,11 @@ def run_blocks(fn: Callable[[int, int], torch.Tensor], spans: list[tuple[int, in
     blocks)."""
     threads = torch.get_num_threads()
     if device.type == "cpu" and threads > 1 and len(spans) > 1:
-        return list(single_threaded_workers(threads).map(lambda span: fn(*span), spans))
+        def in_worker(span: tuple[int, int]) -> torch.Tensor:
+            with torch.no_grad():  # grad mode is per thread
+                return fn(*span)
+
+        return list(single_threaded_workers(threads).map(in_worker, spans))
     return [fn(g0, g1) for g0, g1 in spans]
 
 
