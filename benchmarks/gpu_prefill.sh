@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared GPU check of the Triton kernels (issue 7), for a session that has a CUDA machine.
 #
-#   1. the GPU tests of tests/test_triton_ops.py (float32 and bfloat16 at realistic sizes, both state
-#      layouts, segmented and not; default launch configurations);
+#   1. the GPU tests of tests/test_triton_ops.py (float32 and bfloat16 at realistic sizes, segmented and
+#      not; default launch configurations);
 #   2. `jrt bench prefill --device cuda`: sdpa (FlashAttention-2 backend), jrt_prompt (2T), jrt_rnn (T,
-#      prefix T/2), based / based_vmajor (T), and flash-linear-attention's Based kernels when `fla` imports;
+#      prefix T/2), based (T), and flash-linear-attention's Based kernels when `fla` imports;
 #      B=16, H=16, head dim 64, F=16, bfloat16, T = 2k..32k, CUDA events, median; autotuned kernels.
 #
 # Results go to $OUT (default: $TMPDIR/jrt-gpu-prefill), 5 files: env.txt, gpu_tests.log, prefill_cuda.log,

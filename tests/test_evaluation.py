@@ -10,6 +10,7 @@ import torch
 
 import jrt.cli
 import jrt.evaluation.runner as runner
+from jrt import models
 from jrt.evaluation import EvalConfig, evaluate, generate, prepare, read_results
 from jrt.evaluation.engine import _cache_of, _NewlineStop, rows_selectable, stop_token_ids
 from jrt.tasks import Example, find_answer, get_task, load_task
@@ -42,7 +43,6 @@ def test_batched_left_padded_equals_one_by_one(make, tok) -> None:
 
 
 def _tiny_jrt():
-    models = pytest.importorskip("jrt.models")
     torch.manual_seed(0)
     return models.JRTForCausalLM(models.JRTConfig.from_preset("jrt-tiny")).eval()
 
@@ -306,7 +306,6 @@ def test_cli_runs_and_resumes(tmp_path: Path, recall_dir: Path, llama, tok, caps
 
 
 def test_jrt_tiny_end_to_end(tmp_path: Path, recall_dir: Path, tok, capsys, monkeypatch) -> None:
-    models = pytest.importorskip("jrt.models", reason="jrt.models (JRT-RNN) is not available yet")
     torch.manual_seed(0)
     model = models.JRTForCausalLM(models.JRTConfig.from_preset("jrt-tiny")).eval()
     folder = tmp_path / "jrt-tiny"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,24 +12,26 @@ from jrt.layers import (
     MIXERS,
     BaseConv,
     BasedLinearAttention,
+    CausalAttention,
     PrefixLinearAttention,
     RMSNorm,
     SlidingWindowAttention,
     SwiGLU,
+    register_mixer,
 )
+from jrt.models import JRTConfig
 
 D, H = 32, 4
 
 
+def config(**fields) -> JRTConfig:
+    """A one-layer config of width D with H heads (the fields every mixer reads)."""
+    return JRTConfig(**{"vocab_size": 16, "hidden_size": D, "num_attention_heads": H, "feature_dim": 8,
+                        "num_hidden_layers": 1, "swa_window": 5, "max_prefix_length": 1024, **fields})
 
 
 def make(name: str) -> torch.nn.Module:
-    kwargs = {"hidden_size": D, "num_heads": H, "feature_dim": 8}
-    if name == "swa":
-        kwargs["window"] = 5
-    if name == "attention":
-        kwargs["window"] = None
-    return MIXERS[name](**kwargs).double()
+    return MIXERS[name](config(), 0).double()
 
 
 @pytest.mark.parametrize("name", sorted(MIXERS))
@@ -66,7 +70,7 @@ def test_left_padding_is_invisible(name):
 
 
 def test_pla_prefix_is_read_non_causally():
-    layer = PrefixLinearAttention(D, H, feature_dim=8).double()
+    layer = PrefixLinearAttention(config()).double()
     x = torch.randn(1, 10, D, dtype=torch.float64)
     with_prefix = layer(x, prefix_lengths=torch.tensor([10]))
     changed = x.clone()
@@ -79,19 +83,34 @@ def test_pla_prefix_is_read_non_causally():
 
 
 def test_pla_default_prefix_is_capped():
-    layer = PrefixLinearAttention(D, H, feature_dim=8, max_prefix_length=4).double()
+    layer = PrefixLinearAttention(config(max_prefix_length=4)).double()
     x = torch.randn(2, 9, D, dtype=torch.float64)
     assert rel_err(layer(x), layer(x, prefix_lengths=torch.tensor([4, 4]))) < 1e-14
 
 
 def test_state_sizes_match_the_state():
     x = torch.randn(3, 40, D)
-    for layer in (BasedLinearAttention(D, H, feature_dim=8), BaseConv(D), SlidingWindowAttention(D, H, window=6)):
+    for cls in (BasedLinearAttention, BaseConv, SlidingWindowAttention, CausalAttention):
+        layer = cls(config(swa_window=6))
         state = layer.empty_state(3)
         layer(x, state=state)
-        assert state.nbytes() == layer.state_size_bytes(3)
+        assert state.nbytes() == layer.state_size_bytes(3, torch.float32, context_length=40)
     # published 360M PLA layer: H * (Dv * D + D) = 283,920 numbers
-    assert PrefixLinearAttention(1024, 16, device="meta").state_size_bytes(1) == 283_920 * 4
+    with torch.device("meta"):
+        assert PrefixLinearAttention(JRTConfig.from_preset("jrt-360m"), 1).state_size_bytes(1) == 283_920 * 4
+
+
+def test_registry_builds_every_mixer_from_config_and_layer_index():
+    for cls in MIXERS.values():
+        layer = cls(config(), 3)
+        assert layer.layer_idx == 3 and layer(torch.randn(1, 4, D)).shape == (1, 4, D)
+    assert MIXERS["attention"](config(), 0).window is None and MIXERS["swa"](config(), 0).window == 5
+    assert register_mixer("based", BasedLinearAttention) is BasedLinearAttention  # idempotent
+    with pytest.raises(ValueError, match="already registered"):
+        register_mixer("based", BaseConv)
+    with pytest.raises(TypeError):
+        BasedLinearAttention(config(), 0, impl="chunk")  # no keyword swallowing
+    assert BasedLinearAttention(config(ops_impl="reference")).impl == "reference"
 
 
 def test_swiglu_is_value_then_gate():
@@ -104,7 +123,7 @@ def test_swiglu_is_value_then_gate():
 
 
 def test_bad_inputs():
-    layer = PrefixLinearAttention(D, H, feature_dim=8)
+    layer = PrefixLinearAttention(config())
     x = torch.randn(2, 5, D)
     with pytest.raises(ValueError, match="prefix length larger"):
         layer(x, prefix_lengths=torch.tensor([6, 2]))
@@ -117,13 +136,15 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="prefix_lengths must be None or 0"):
         layer(x[:, :1], prefix_lengths=torch.tensor([1, 1]), state=state)
     with pytest.raises(ValueError, match="multiple of num_heads"):
-        BasedLinearAttention(30, 4)
+        BasedLinearAttention(SimpleNamespace(hidden_size=30, num_attention_heads=4))
     with pytest.raises(ValueError, match="window"):
-        SlidingWindowAttention(D, H, window=-1)
+        SlidingWindowAttention(SimpleNamespace(hidden_size=D, num_attention_heads=H, swa_window=-1, rotary_base=1e4))
+    with pytest.raises(ValueError, match="rotary_base"):
+        SlidingWindowAttention(SimpleNamespace(hidden_size=D, num_attention_heads=H, swa_window=4, rotary_base=0.0))
 
 
 def test_baseconv_matches_torch_conv1d():
-    conv = BaseConv(D, kernel_size=3)
+    conv = BaseConv(config(conv_kernel_size=3))
     x = torch.randn(2, 11, D)
     u1, u2 = conv.in_proj(x).chunk(2, dim=-1)
     ref = torch.nn.functional.conv1d(u1.transpose(1, 2), conv.conv.weight, padding=2, groups=conv.channels)[..., :11]
@@ -134,8 +155,18 @@ def test_baseconv_matches_torch_conv1d():
 def test_full_attention_fast_path_matches_the_operator():
     from jrt.ops import sliding_window_attention
 
-    layer = SlidingWindowAttention(D, H, window=None)
+    layer = CausalAttention(config())
     x = torch.randn(2, 30, D)
     q, k, v = layer.Wqkv(x).unflatten(-1, (3, H, D // H)).unbind(dim=2)
     expected = layer.out_proj(sliding_window_attention(q, k, v, 30, impl="reference").flatten(-2))
     assert rel_err(layer(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [("rms_norm_eps", -1e-5, "rms_norm_eps"), ("linear_attention_eps", -1.0, "linear_attention_eps"),
+     ("rotary_base", 0.0, "rotary_base"), ("ops_impl", "fast", "ops_impl")],
+)
+def test_config_rejects_bad_numbers(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        config(**{field: value})

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from jrt import models
 from jrt.evaluation import EvalConfig, evaluate, lm_eval_tasks_dir, read_results
 from jrt.tasks import TASKS, load_task
 from recall_fixtures import tiny_llama, write_recall_files
@@ -60,7 +61,6 @@ def test_agreement_with_jrt_eval(tmp_path: Path, tok) -> None:
 
 def test_jrt_lm_eval_model(tmp_path: Path, tok) -> None:
     """The registered lm-eval model ``jrt`` loads a JRT-RNN checkpoint (GPT-2 tokenizer) and evaluates a task."""
-    models = pytest.importorskip("jrt.models", reason="jrt.models (JRT-RNN) is not available yet")
     from lm_eval.api.registry import get_model
 
     import jrt.evaluation.lm_eval_model  # noqa: F401

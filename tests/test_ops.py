@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from helpers import rel_err
 from jrt.ops import (
+    IMPL_ENV,
     compress_state,
     expand_state,
     feature_dim,
@@ -21,7 +22,7 @@ from jrt.ops import (
     taylor_kernel,
 )
 
-la = importlib.import_module("jrt.ops.linear_attention")  # the module (jrt.ops.linear_attention is the function)
+chunk = importlib.import_module("jrt.ops.based.chunk")
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
@@ -36,8 +37,8 @@ def make_qkv(b, t, h, f, dv, dtype=torch.float64, seed=0, enc=False):
 @pytest.fixture
 def small_segments(monkeypatch):
     """Small chunks and segments so that short test sequences cross several chunk and segment boundaries."""
-    monkeypatch.setattr(la, "CHUNK_SIZE", 16)
-    monkeypatch.setattr(la, "SEGMENT_SIZE", 48)
+    monkeypatch.setattr(chunk, "CHUNK_SIZE", 16)
+    monkeypatch.setattr(chunk, "SEGMENT_SIZE", 48)
 
 
 # ------------------------------------------------------------------------------------------ feature map
@@ -66,6 +67,21 @@ def test_compressed_state_round_trip():
     small = compress_state(full, f)
     assert rel_err(taylor_feature_map(q, True) @ small, taylor_feature_map(q) @ full) < 1e-13
     assert rel_err(expand_state(small, f), full) < 1e-13
+
+
+def test_chunked_running_state_is_the_compressed_space():
+    """The chunked form's running state is the public compressed state scaled by the map's weights: reading it
+    with the query monomials equals phi(q) . S, and the conversions are inverse."""
+    from jrt.ops.feature_map import monomials
+
+    f = 5
+    g = torch.Generator().manual_seed(3)
+    k, v, q = (torch.randn(30, n, generator=g, dtype=torch.float64) for n in (f, 4, f))
+    full = taylor_feature_map(k).T @ v  # [D, Dv]
+    internal = chunk.to_internal(full, f)
+    assert rel_err(monomials(q) @ internal, taylor_feature_map(q) @ full) < 1e-13
+    assert rel_err(chunk.to_full(internal, f), full) < 1e-13
+    assert rel_err(internal, compress_state(full, f) * chunk.monomial_weights(f, torch.float64)[:, None]) < 1e-15
 
 
 def test_feature_map_rejects_integers():
@@ -136,7 +152,7 @@ def test_prefix_matches_reference(small_segments, dtype, impl):
 
 
 def test_prefix_reference_is_the_formula():
-    """The reference itself, against a direct loop over positions of DESIGN.md's formula."""
+    """The reference itself, against a direct loop over positions of the formula in docs/design.md."""
     q, k, v, ke, ve = make_qkv(1, 9, 1, 3, 2, seed=2, enc=True)
     m, eps = 4, 1e-6
     phi = taylor_feature_map
@@ -281,13 +297,13 @@ def test_property_chunk_equals_reference(b, t, h, f, dv, data):
 
 def test_auto_dispatch(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.delenv(la.IMPL_ENV, raising=False)
+    monkeypatch.delenv(IMPL_ENV, raising=False)
     assert resolve_impl("auto", cpu, 1000) == "chunk"
     assert resolve_impl("auto", cpu, 1) == "recurrent"
     assert resolve_impl("reference", cpu, 1000) == "reference"
-    monkeypatch.setenv(la.IMPL_ENV, "reference")
+    monkeypatch.setenv(IMPL_ENV, "reference")
     assert resolve_impl("auto", cpu, 1000) == "reference"
-    monkeypatch.setenv(la.IMPL_ENV, "bogus")
+    monkeypatch.setenv(IMPL_ENV, "bogus")
     with pytest.raises(ValueError, match="unknown impl"):
         resolve_impl("auto", cpu, 10)
 
@@ -350,3 +366,14 @@ def test_chunked_form_with_several_threads(small_segments):
         torch.set_num_threads(threads)
     assert torch.get_num_threads() == threads
     assert rel_err(out, ref) < 1e-10 and rel_err(s[0], s_ref[0]) < 1e-10
+
+
+def test_first_call_in_inference_mode_then_autograd():
+    """Cached index tensors made during an inference-mode call must not break a later autograd call."""
+    q, k, v = make_qkv(1, 20, 1, 7, 2, torch.float32, seed=40)
+    with torch.inference_mode():
+        linear_attention(q, k, v, impl="chunk", output_final_state=True)
+    q.requires_grad_(True)
+    o, (s, z) = linear_attention(q, k, v, impl="chunk", output_final_state=True)
+    (o.sum() + s.sum()).backward()
+    assert q.grad is not None and q.grad.isfinite().all()

@@ -1,4 +1,4 @@
-"""JRT-Prompt templates: DESIGN.md's strings for sample records, repeats=k, read_twice."""
+"""JRT-Prompt templates: the published strings for sample records, repeats=k, read_twice."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from jrt.tasks import Example, TaskSpec, get_task
 
 
 def _design(task: str, mode: str, r: dict[str, str]) -> str:
-    """DESIGN.md section 4, written out literally for one record."""
+    """The published templates (docs/design.md, section 5), written out literally for one record."""
     if task in ("fda", "swde"):
         text, key = r["context"], r["key"]
         return f"{text} {key}:" if mode == "default" else f"Information about {key}. {text}\n{text} {key}:"

@@ -98,30 +98,29 @@ def masked_rows(o: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         (17, 16, 130, None), (100, 8, 16, 3), (130, 5, 20, 2), (256, 16, 32, 4),
     ],
 )
-@pytest.mark.parametrize("layout", ["d_major", "v_major"])
-def test_linear_attention_matches_reference(t, f, dv, segments, layout, monkeypatch):
+def test_linear_attention_matches_reference(t, f, dv, segments, monkeypatch):
     from jrt.ops.triton import _ops
 
     calls = []
     original = _ops._chunk_states
     monkeypatch.setattr(_ops, "_chunk_states", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     q, k, v = make_qkv(2, t, 2, f, dv)
-    out = jt.linear_attention(q, k, v, output_final_state=True, num_segments=segments, state_layout=layout)
+    out = jt.linear_attention(q, k, v, output_final_state=True, num_segments=segments)
     assert len(calls) == (1 if segments else 0)  # the segmented path ran when asked for
     ref = ops.linear_attention(q, k, v, output_final_state=True, impl="reference")
     check_close(out, ref, 1e-4)
 
 
 @cpu_kernels
-@pytest.mark.parametrize("segments,layout", [(1, "d_major"), (3, "v_major")])
+@pytest.mark.parametrize("segments", [1, 3])
 @pytest.mark.parametrize("left", [True, False])
-def test_linear_attention_initial_state_and_padding(segments, layout, left):
+def test_linear_attention_initial_state_and_padding(segments, left):
     b, t, h, f, dv = 3, 90, 2, 16, 16
     q, k, v = make_qkv(b, t, h, f, dv)
     state = make_state(b, h, f, dv)
     mask = padding_mask(b, t, left)
     o, st = jt.linear_attention(q, k, v, initial_state=state, output_final_state=True, attention_mask=mask,
-                                num_segments=segments, state_layout=layout)
+                                num_segments=segments)
     ro, rst = ops.linear_attention(q, k, v, initial_state=state, output_final_state=True, attention_mask=mask,
                                    impl="reference")
     assert rel(o[mask], ro[mask]) < 1e-4
@@ -157,15 +156,14 @@ def test_strided_inputs_and_no_final_state():
 
 @cpu_kernels
 @pytest.mark.parametrize("lengths", ["zero", "partial", "all"])
-@pytest.mark.parametrize("segments,layout", [(1, "d_major"), (3, "v_major")])
-def test_prefix_linear_attention_matches_reference(lengths, segments, layout):
+@pytest.mark.parametrize("segments", [1, 3])
+def test_prefix_linear_attention_matches_reference(lengths, segments):
     b, t, h, f, dv = 3, 100, 2, 16, 24
     q, k, v = make_qkv(b, t, h, f, dv, seed=2)
     ke, ve = make_qkv(b, t, h, f, dv, seed=3)[1:]
     prefix = {"zero": [0, 0, 0], "partial": [0, 37, 81], "all": [t, t, t]}[lengths]
     prefix = torch.tensor(prefix)
-    out = jt.prefix_linear_attention(q, k, v, ke, ve, prefix, output_final_state=True, num_segments=segments,
-                                     state_layout=layout)
+    out = jt.prefix_linear_attention(q, k, v, ke, ve, prefix, output_final_state=True, num_segments=segments)
     ref = ops.prefix_linear_attention(q, k, v, ke, ve, prefix, output_final_state=True, impl="reference")
     check_close(out, ref, 1e-4)
 
@@ -188,51 +186,39 @@ def test_prefix_linear_attention_padding_and_initial_state(left):
 
 
 # --------------------------------------------------------------------------------------------------
-# decoding step (interpreter)
+# decoding steps and non-finite padding (interpreter)
 # --------------------------------------------------------------------------------------------------
 
 
 @cpu_kernels
-@pytest.mark.parametrize("f,dv", [(16, 64), (5, 20)])
-def test_step_matches_single_token_attention(f, dv):
-    b, h = 3, 2
-    q, k, v = make_qkv(b, 1, h, f, dv, seed=6)
-    state = make_state(b, h, f, dv)
-    o, (s, z) = jt.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state)
-    ro, (rs, rz) = ops.linear_attention(q, k, v, initial_state=state, output_final_state=True, impl="reference")
-    assert o.shape == (b, h, dv)
-    assert rel(o, ro[:, 0]) < 1e-4 and rel(s, rs) < 1e-4 and rel(z, rz) < 1e-4
-    # the input state is untouched, and the 4-D form returns the 4-D layout
-    o4, _ = jt.linear_attention_step(q, k, v, state)
-    assert o4.shape == (b, 1, h, dv) and rel(o4, ro) < 1e-4
-
-
-@cpu_kernels
-def test_step_decodes_a_sequence_and_respects_mask():
+def test_steps_of_one_token_decode_a_sequence():
     b, t, h, f, dv = 2, 6, 2, 16, 16
     q, k, v = make_qkv(b, t, h, f, dv, seed=7)
-    d = feature_dim(f)
-    state = (torch.zeros(b, h, d, dv), torch.zeros(b, h, d))
+    state = make_state(b, h, f, dv)
     outs = []
+    running = state
     for i in range(t):
-        o, state = jt.linear_attention_step(q[:, i], k[:, i], v[:, i], state)
+        o, running = jt.linear_attention(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], initial_state=running,
+                                         output_final_state=True)
         outs.append(o)
-    ro, (rs, rz) = ops.linear_attention(q, k, v, output_final_state=True, impl="reference")
-    assert rel(torch.stack(outs, 1), ro) < 1e-4 and rel(state[0], rs) < 1e-4
-    # a masked sequence keeps its state
-    keep = torch.tensor([True, False])
-    _, (s2, z2) = jt.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state, attention_mask=keep)
-    assert torch.equal(s2[1], state[0][1]) and torch.equal(z2[1], state[1][1])
-    assert not torch.equal(s2[0], state[0][0])
+    ro, (rs, rz) = ops.linear_attention(q, k, v, initial_state=state, output_final_state=True, impl="reference")
+    assert rel(torch.cat(outs, 1), ro) < 1e-4 and rel(running[0], rs) < 1e-4 and rel(running[1], rz) < 1e-4
 
 
 @cpu_kernels
-def test_step_rejects_bad_shapes():
-    q, k, v = make_qkv(2, 1, 2, 16, 16)
-    with pytest.raises(ValueError, match="state must be"):
-        jt.linear_attention_step(q[:, 0], k[:, 0], v[:, 0], (torch.zeros(2, 2, 5, 16), torch.zeros(2, 2, 5)))
-    with pytest.raises(ValueError, match="expected q, k"):
-        jt.linear_attention_step(q[:, 0], k[:, 0, :1], v[:, 0], (torch.zeros(1), torch.zeros(1)))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_at_padded_positions_do_not_leak(bad):
+    b, t, h, f, dv = 3, 40, 2, 16, 16
+    q, k, v = make_qkv(b, t, h, f, dv, seed=13)
+    ke, ve = make_qkv(b, t, h, f, dv, seed=14)[1:]
+    mask = padding_mask(b, t, left=True)
+    ro, rst = ops.prefix_linear_attention(q, k, v, ke, ve, torch.tensor([5, 9, 0]), attention_mask=mask,
+                                          output_final_state=True, impl="reference")
+    k, v, ke, ve = (x.masked_fill(~mask[..., None, None], bad) for x in (k, v, ke, ve))
+    for segments in (1, 2):
+        o, st = jt.prefix_linear_attention(q, k, v, ke, ve, torch.tensor([5, 9, 0]), attention_mask=mask,
+                                           output_final_state=True, num_segments=segments)
+        assert rel(o[mask], ro[mask]) < 1e-4 and rel(st[0], rst[0]) < 1e-4 and rel(st[1], rst[1]) < 1e-4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,8 +287,6 @@ def test_limits_are_value_errors():
     q, k, v = make_qkv(1, 4, 1, 16, 16)
     with pytest.raises(ValueError, match="num_segments"):
         jt.linear_attention(q, k, v, num_segments=0)
-    with pytest.raises(ValueError, match="state_layout"):
-        jt.linear_attention(q, k, v, state_layout="diagonal")
 
 
 @cpu_kernels
@@ -319,7 +303,7 @@ def test_import_error_without_triton(monkeypatch):
     """Without Triton, ``import jrt.ops.triton`` raises ImportError and the dispatcher reports it cleanly."""
     import sys
 
-    from jrt.ops.linear_attention import triton_available
+    from jrt.ops.based.api import triton_available
 
     monkeypatch.setitem(sys.modules, "triton", None)
     for name in [m for m in sys.modules if m == "jrt.ops.triton" or m.startswith("jrt.ops.triton.")]:
@@ -337,7 +321,7 @@ def test_cuda_launch_setup():
     from jrt.ops.triton import _ops
 
     # every CUDA configuration has a chunk length dividing the segment multiple, and autotuners build
-    for name, configs in _ops._CUDA_CONFIGS.items():
+    for name, configs in jt.CUDA_CONFIGS.items():
         assert all(_ops._segment_length(1000, 3) % bt == 0 for bt, _, _ in configs)
         assert len(_ops._tuned(name).configs) == len(configs)
     assert _ops._num_segments(4, 64, 10_000, CPU, None) == 1
@@ -345,14 +329,14 @@ def test_cuda_launch_setup():
 
 
 @cpu_kernels
-@pytest.mark.parametrize("method", ["jrt_prompt", "jrt_rnn", "based", "based_vmajor"])
+@pytest.mark.parametrize("method", ["jrt_prompt", "jrt_rnn", "based"])
 def test_benchmark_cases_run(method):
-    from jrt.bench import prefill_cuda
+    from jrt.bench.prefill_methods import Shape, build
 
-    fn, flops, tokens, nbytes = prefill_cuda._make_case(method, 1, 2, 32, 16, 16, CPU, torch.float32, {})
-    o, state = fn()
+    case = build(method, "kernels", Shape(1, 2, 32, 16, 16, CPU, torch.float32))
+    o, state = case.run()
     assert o.shape == (1, 64 if method == "jrt_prompt" else 32, 2, 16) and state is None
-    assert flops > 0 and tokens == 32 and nbytes > 0
+    assert case.flops > 0 and case.tokens == 32 and case.nbytes > 0
 
 
 def test_benchmark_table_and_cuda_check():
@@ -416,7 +400,6 @@ print(json.dumps([compile_sm90(*case) for case in cases]))
 
 _SM90_CASES = [
     ("causal_fwd_kernel", dict(BK=16, HAS_KEEP=True, HAS_INIT=True, STORE_FINAL=True)),
-    ("causal_fwd_kernel_vmajor", dict(BK=16, HAS_KEEP=True, HAS_INIT=True, STORE_FINAL=True)),
     ("chunk_state_kernel", dict(BK=16, HAS_KEEP=True, HAS_END=True)),
 ]
 
@@ -440,24 +423,21 @@ def _compile_for_hopper(cases: list) -> list[int]:
 def test_kernels_compile_for_hopper():
     """Every kernel's default configuration compiles for sm_90 (Triton ships ptxas: no GPU needed). This
     catches errors that the interpreter does not see (e.g. non-constexpr globals, layout problems)."""
-    from jrt.ops.triton import _ops
 
     cases = []
     for name, constexprs in _SM90_CASES:
-        config = _ops._CUDA_CONFIGS[name][0]
+        config = jt.CUDA_CONFIGS[name][0]
         cases += [[name, config, "bf16", {**constexprs, "LOWP": True, "LOWP_BF16": True}],
                   [name, config, "fp32", {**constexprs, "LOWP": False, "LOWP_BF16": True}]]
-    cases.append(["step_kernel", [0, 64, 4], "fp32", {"BR": 64, "HAS_KEEP": True}])
     assert all(size > 0 for size in _compile_for_hopper(cases))
 
 
 @pytest.mark.slow
 def test_every_autotune_config_compiles_for_hopper():
-    from jrt.ops.triton import _ops
 
     cases = []
     for name, constexprs in _SM90_CASES:
-        for config in _ops._CUDA_CONFIGS[name]:
+        for config in jt.CUDA_CONFIGS[name]:
             for flags in (False, True):
                 cx = {k: (flags if k.startswith(("HAS_", "STORE_")) else v) for k, v in constexprs.items()}
                 cases.append([name, config, "bf16", {**cx, "LOWP": True, "LOWP_BF16": True}])
@@ -492,9 +472,8 @@ def test_gpu_linear_attention(dtype, t):
                                          attention_mask=mask)
     tol = GPU_TOL[dtype]
     assert rel(o[mask], ro[mask]) < tol and rel(s, rs) < tol and rel(z, rz) < tol
-    for segments, layout in ((1, "d_major"), (7, "d_major"), (1, "v_major"), (7, "v_major")):
-        o2, _ = jt.linear_attention(q, k, v, initial_state=state, attention_mask=mask, num_segments=segments,
-                                    state_layout=layout)
+    for segments in (1, 7):
+        o2, _ = jt.linear_attention(q, k, v, initial_state=state, attention_mask=mask, num_segments=segments)
         assert rel(o2[mask], ro[mask]) < tol
 
 
@@ -522,7 +501,7 @@ def test_gpu_step(dtype):
     b, h, f, dv = 16, 16, 16, 64
     q, k, v = make_qkv(b, 1, h, f, dv, device=dev, dtype=dtype)
     state = make_state(b, h, f, dv, device=dev)
-    o, (s, z) = jt.linear_attention_step(q, k, v, state)
+    o, (s, z) = jt.linear_attention(q, k, v, initial_state=state, output_final_state=True)
     ro, (rs, rz) = ops.linear_attention(q.double(), k.double(), v.double(), initial_state=state,
                                         output_final_state=True, impl="reference")
     tol = GPU_TOL[dtype]

@@ -6,7 +6,10 @@ At each length T (as in the paper's operator benchmark: F = 16, head dim = Dv = 
 - ``jrt_prompt``: causal :func:`jrt.ops.linear_attention` over 2T tokens (the prompt read twice);
 - ``jrt_rnn``: :func:`jrt.ops.prefix_linear_attention` over T tokens of which the first T/2 are the prefix.
 
-Times are medians of several runs after a warm-up, measured side by side in one process; the table gives the
+The methods, FLOP models and timers are those of :mod:`jrt.bench.prefill_methods` (its ``ops`` backend);
+``--device cuda`` with ``--impl auto`` or ``triton`` runs its ``kernels`` backend instead
+(:mod:`jrt.bench.prefill_cuda`). Times are medians of several runs after a warm-up, measured side by side in one
+process; the table gives the
 ratios ``sdpa / jrt_*`` and each method's achieved GFLOP/s next to a matrix multiply's, measured in the same
 run. Peak memory is the CUDA allocator's peak on a GPU and the growth of the resident set (sampled) on a CPU.
 """
@@ -15,20 +18,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from jrt.bench import write_json
-from jrt.ops import linear_attention, prefix_linear_attention
-from jrt.ops.feature_map import feature_dim
+from jrt.bench.prefill_methods import (
+    Shape,
+    build,
+    linear_attention_flops,
+    prefix_flops,
+    sdpa_flops,
+    time_call,
+)
 
+#: The methods of the ``ops`` backend (any device, through :mod:`jrt.ops`), in table order.
 METHODS = ("sdpa", "jrt_prompt", "jrt_rnn")
 
 
@@ -41,100 +47,6 @@ class Row:
     seconds: float
     peak_mem_bytes: int | None
     gflops: float
-
-
-# ------------------------------------------------------------------------------------------------ FLOP counts
-
-
-def sdpa_flops(batch: int, heads: int, length: int, head_dim: int) -> float:
-    """Causal softmax attention: ``QK^T`` and ``PV`` over the lower triangle (2 * 2 * T^2/2 * Dh per head)."""
-    return 2.0 * batch * heads * length * length * head_dim
-
-
-def linear_attention_flops(batch: int, heads: int, length: int, f: int, dv: int, chunk: int = 64) -> float:
-    """Causal linear attention in chunked form: intra-chunk ``QK^T`` and ``A [v, 1]`` plus the state update
-    and read in the compressed feature space (``D = 1+F+F(F+1)/2``)."""
-    d = feature_dim(f, compressed=True)
-    per_token = 2 * chunk * (f + dv + 1) + 4 * d * (dv + 1)
-    return float(batch * heads * length * per_token)
-
-
-def prefix_flops(batch: int, heads: int, length: int, prefix: int, f: int, dv: int, chunk: int = 64) -> float:
-    """Prefix linear attention: the encoder state over the prefix plus the causal pass."""
-    d = feature_dim(f, compressed=True)
-    return linear_attention_flops(batch, heads, length, f, dv, chunk) + 2.0 * batch * heads * prefix * d * (dv + 1)
-
-
-# ------------------------------------------------------------------------------------------------ timing
-
-
-class _RssSampler:
-    """Peak growth of the resident set size while running, sampled every millisecond (Linux ``/proc``)."""
-
-    def __init__(self) -> None:
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.available = os.path.exists("/proc/self/statm")
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * self.page
-
-    def __enter__(self) -> _RssSampler:
-        if self.available:
-            self.base = self._rss()
-            self.peak = self.base
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        if self.available:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._rss())
-
-    @property
-    def growth(self) -> int | None:
-        return self.peak - self.base if self.available else None
-
-
-def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> tuple[float, int | None]:
-    """Median seconds over ``repeats`` calls after ``warmup`` calls, and the peak memory of one call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        for _ in range(repeats):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(stop) / 1000.0)
-        return statistics.median(times), torch.cuda.max_memory_allocated(device) - base
-    peak = None
-    for i in range(repeats):
-        if i == 0:
-            with _RssSampler() as sampler:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            peak = sampler.growth
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -173,48 +85,20 @@ def run_prefill(
     if any(t < 2 for t in lengths):
         raise ValueError(f"lengths must be >= 2, got {lengths}")
     torch_dtype = _parse_dtype(dtype, dev)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device=dev, dtype=torch_dtype)
-
     rows: list[Row] = []
     for t in lengths:
         for method in methods:
-            if method == "sdpa":
-                q, k, v = (randn(batch, heads, t, head_dim) for _ in range(3))
-                fn = _no_grad(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-                flops = sdpa_flops(batch, heads, t, head_dim)
-            elif method == "jrt_prompt":
-                q, k = randn(batch, 2 * t, heads, feature), randn(batch, 2 * t, heads, feature)
-                v = randn(batch, 2 * t, heads, head_dim)
-                fn = _no_grad(lambda q=q, k=k, v=v: linear_attention(q, k, v, impl=impl))
-                flops = linear_attention_flops(batch, heads, 2 * t, feature, head_dim)
-            else:
-                q, k, ke = (randn(batch, t, heads, feature) for _ in range(3))
-                v, ve = randn(batch, t, heads, head_dim), randn(batch, t, heads, head_dim)
-                lengths_b = torch.full((batch,), t // 2, dtype=torch.long, device=dev)
-                fn = _no_grad(lambda q=q, k=k, v=v, ke=ke, ve=ve, m=lengths_b: prefix_linear_attention(
-                    q, k, v, ke, ve, m, impl=impl))
-                flops = prefix_flops(batch, heads, t, t // 2, feature, head_dim)
-            seconds, peak = time_call(fn, dev, repeats, warmup)
-            rows.append(Row(method, t, batch, heads, seconds, peak, flops / seconds / 1e9))
+            case = build(method, "ops", Shape(batch, heads, t, feature, head_dim, dev, torch_dtype, impl))
+            seconds, peak = time_call(case.run, dev, repeats, warmup)
+            rows.append(Row(method, t, batch, heads, seconds, peak, case.flops / seconds / 1e9))
             if progress:
                 progress(f"  {method:<11} T={t:<6} {seconds * 1e3:10.1f} ms")
-            del fn, q, k, v
+            del case
     machine = _machine(dev, torch_dtype)
     machine["matmul_gflops"] = matmul_gflops(dev, torch_dtype)
     return {"rows": [asdict(r) for r in rows], "machine": machine,
             "config": {"head_dim": head_dim, "feature_dim": feature, "dtype": str(torch_dtype), "impl": impl,
                        "repeats": repeats, "warmup": warmup}}
-
-
-def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
-    def call() -> object:
-        with torch.no_grad():
-            return fn()
-
-    return call
 
 
 def _parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -319,10 +203,15 @@ def _main(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.device.startswith("cuda") and args.impl in ("auto", "triton"):
-        # the GPU benchmark: Triton kernels, sdpa on the flash backend, flash-linear-attention, CUDA events
-        from jrt.bench.prefill_cuda import run_from_prefill_args
+        # the GPU benchmark: the kernels backend (Triton, sdpa on the flash backend, flash-linear-attention);
+        # the default method list stands for every kernels method
+        from jrt.bench.prefill_cuda import CUDA_METHODS, run_and_write
 
-        return run_from_prefill_args(args, lengths, methods)
+        return run_and_write(
+            lengths, CUDA_METHODS if methods == METHODS else methods, batch=args.batch, heads=args.heads,
+            head_dim=args.head_dim, feature_dim=args.feature_dim, warmup=max(1, args.warmup), repeats=args.repeats,
+            json_path=args.json,
+        )
     print(f"jrt bench prefill: device={args.device} B={args.batch} H={args.heads} Dh={args.head_dim} "
           f"F={args.feature_dim} lengths={lengths}", flush=True)
     result = run_prefill(lengths, device=args.device, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
@@ -334,4 +223,5 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["run_prefill", "format_table", "sdpa_flops", "linear_attention_flops", "prefix_flops"]
+__all__ = ["METHODS", "format_table", "linear_attention_flops", "matmul_gflops", "prefix_flops", "run_prefill",
+           "sdpa_flops"]

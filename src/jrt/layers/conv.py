@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from jrt.layers._checks import check_hidden
-from jrt.ops._checks import check_mask
+from jrt.ops.common import check_mask, drop_rows
+
+if TYPE_CHECKING:  # any config object with the fields listed in the docstrings
+    from transformers import PretrainedConfig
 
 
 @dataclass
@@ -41,23 +45,15 @@ class BaseConv(nn.Module):
     convolution's own zero padding.
 
     Args:
-        hidden_size: model width d.
-        kernel_size: convolution length (3 in the published models).
-        expand: width of each branch relative to d (2 in the published models: ``in_proj`` d -> 4d).
-        bias: biases on ``in_proj`` and ``out_proj`` (True in the published models).
-        layer_idx: position in the model (informational).
+        config: reads ``hidden_size`` (d), ``conv_kernel_size`` (the convolution length, 3 in the published
+            models) and ``conv_expand`` (the width of each branch relative to d, 2 in the published models:
+            ``in_proj`` d -> 4d). ``in_proj`` and ``out_proj`` have biases, as published.
+        layer_idx: position in the model.
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        kernel_size: int = 3,
-        expand: int = 2,
-        bias: bool = True,
-        layer_idx: int | None = None,
-        **_: object,
-    ) -> None:
+    def __init__(self, config: PretrainedConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        hidden_size, kernel_size, expand = config.hidden_size, config.conv_kernel_size, config.conv_expand
         if hidden_size < 1 or kernel_size < 1 or expand < 1:
             raise ValueError(
                 f"hidden_size, kernel_size and expand must be >= 1, got {hidden_size}, {kernel_size}, {expand}"
@@ -66,15 +62,19 @@ class BaseConv(nn.Module):
         self.kernel_size = kernel_size
         self.channels = expand * hidden_size
         self.layer_idx = layer_idx
-        self.in_proj = nn.Linear(hidden_size, 2 * self.channels, bias=bias)
+        self.in_proj = nn.Linear(hidden_size, 2 * self.channels, bias=True)
         self.conv = nn.Conv1d(self.channels, self.channels, kernel_size, groups=self.channels, bias=False)
-        self.out_proj = nn.Linear(self.channels, hidden_size, bias=bias)
+        self.out_proj = nn.Linear(self.channels, hidden_size, bias=True)
 
-    def empty_state(self, batch: int, dtype: torch.dtype | None = None, device=None) -> ConvState:
+    def empty_state(self, batch: int) -> ConvState:
+        """A fresh decoding state for ``batch`` sequences (filled by the first call)."""
         return ConvState()
 
-    def state_size_bytes(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
-        """Bytes of the rolling state: ``batch * C * (kernel_size - 1)`` numbers of ``dtype``."""
+    def state_size_bytes(
+        self, batch: int = 1, dtype: torch.dtype = torch.float32, context_length: int | None = None
+    ) -> int:
+        """Bytes of the rolling state: ``batch * C * (kernel_size - 1)`` numbers of ``dtype`` (the parameters'),
+        constant in ``context_length``."""
         return batch * self.channels * (self.kernel_size - 1) * torch.empty((), dtype=dtype).element_size()
 
     def forward(
@@ -89,8 +89,7 @@ class BaseConv(nn.Module):
         b, t, _ = hidden_states.shape
         mask = check_mask(attention_mask, b, t, hidden_states.device)
         u1, u2 = self.in_proj(hidden_states).chunk(2, dim=-1)
-        if mask is not None:
-            u1 = u1 * mask[..., None].to(u1.dtype)
+        u1 = drop_rows(u1, mask)
         u1 = u1.transpose(1, 2)  # [B, C, T]
         k = self.kernel_size
         if state is not None and state.buffer is not None:

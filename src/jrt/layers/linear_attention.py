@@ -9,13 +9,17 @@ constant in the context length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from jrt.layers._checks import check_hidden
 from jrt.ops import feature_dim, linear_attention, prefix_linear_attention
-from jrt.ops._checks import check_mask
+from jrt.ops.common import check_eps, check_impl, check_mask
+
+if TYPE_CHECKING:  # any config object with the fields listed in the docstrings
+    from transformers import PretrainedConfig
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -47,35 +51,27 @@ class BasedLinearAttention(nn.Module):
     """Causal Based mixer: ``out_proj(linear_attention(proj_q x, proj_k x, proj_v x))``.
 
     Args:
-        hidden_size: model width d (divisible by ``num_heads``).
-        num_heads: number of heads H; values have ``d / H`` dims per head.
-        feature_dim: query/key dimension F per head before the Taylor map (D = 1+F+F^2).
-        eps: added to the denominator (1e-12 in the published models).
-        impl: operator implementation (``"auto"``, ``"chunk"``, ``"reference"``, ``"recurrent"``, ``"triton"``).
-        layer_idx: position of the layer in its model (informational).
+        config: reads ``hidden_size`` (d, divisible by the heads), ``num_attention_heads`` (H; values have
+            ``d / H`` dims per head), ``feature_dim`` (F, the query/key dim per head before the Taylor map,
+            ``D = 1+F+F^2``), ``linear_attention_eps`` (added to the denominator; 1e-12 in the published models)
+            and ``ops_impl`` (the operator implementation: ``"auto"``, ``"chunk"``, ``"reference"``,
+            ``"recurrent"``, ``"triton"``; kept as ``self.impl``).
+        layer_idx: position of the layer in its model.
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        feature_dim: int = 16,
-        eps: float = 1e-12,
-        impl: str = "auto",
-        layer_idx: int | None = None,
-        **_: object,
-    ) -> None:
+    def __init__(self, config: PretrainedConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        hidden_size, num_heads = config.hidden_size, config.num_attention_heads
         if hidden_size < 1 or num_heads < 1 or hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be a positive multiple of num_heads ({num_heads})")
-        if feature_dim < 1:
-            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
+        if config.feature_dim < 1:
+            raise ValueError(f"feature_dim must be >= 1, got {config.feature_dim}")
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
-        self.feature_dim = feature_dim
-        self.eps = eps
-        self.impl = impl
+        self.feature_dim = feature_dim = config.feature_dim
+        self.eps = check_eps(config.linear_attention_eps, "linear_attention_eps")
+        self.impl = check_impl(config.ops_impl)
         self.layer_idx = layer_idx
         self.proj_q = nn.Linear(hidden_size, num_heads * feature_dim, bias=False)
         self.proj_k = nn.Linear(hidden_size, num_heads * feature_dim, bias=False)
@@ -85,12 +81,15 @@ class BasedLinearAttention(nn.Module):
     def _heads(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, dim))
 
-    def empty_state(self, batch: int, dtype: torch.dtype | None = None, device=None) -> LinearAttentionState:
-        """A fresh decoding state (filled by the first call)."""
+    def empty_state(self, batch: int) -> LinearAttentionState:
+        """A fresh decoding state for ``batch`` sequences (filled by the first call)."""
         return LinearAttentionState()
 
-    def state_size_bytes(self, batch: int = 1) -> int:
-        """Bytes of the decoding state for ``batch`` sequences (float32 ``S`` and ``z``)."""
+    def state_size_bytes(
+        self, batch: int = 1, dtype: torch.dtype = torch.float32, context_length: int | None = None
+    ) -> int:
+        """Bytes of the decoding state for ``batch`` sequences: float32 ``S`` and ``z`` whatever the parameter
+        ``dtype``, constant in ``context_length``."""
         d = feature_dim(self.feature_dim)
         return batch * self.num_heads * (d * self.head_dim + d) * 4
 
@@ -122,34 +121,27 @@ class BasedLinearAttention(nn.Module):
 
 class PrefixLinearAttention(BasedLinearAttention):
     """JRT-RNN prefix linear attention: Based plus encoder projections ``proj_k_enc, proj_v_enc`` that read the
-    first ``M_b`` real tokens of each sequence non-causally (DESIGN.md section 2).
+    first ``M_b`` real tokens of each sequence non-causally (docs/design.md, section 3).
 
-    On the first call of a sequence (no state, or an empty one) the prefix is ``prefix_lengths`` (int ``[B]``
-    or int) or, when None, every real token capped at ``max_prefix_length``. Later calls with a filled state
-    decode causally from ``(S_T + S_enc, z_T + z_enc)`` at O(1) cost per token.
+    The prefix rules live here (and only here): on the first call of a sequence (no state, or an empty one) the
+    prefix is ``prefix_lengths`` (int ``[B]`` or int) or, when None, every real token capped at
+    ``max_prefix_length``; later calls with a filled state decode causally from ``(S_T + S_enc, z_T + z_enc)``
+    at O(1) cost per token, and reject a non-zero ``prefix_lengths``.
 
     Args:
-        as :class:`BasedLinearAttention`, plus
-        max_prefix_length: cap of the default prefix (None = no cap); 1024 in the published models.
+        config: as :class:`BasedLinearAttention`, plus ``max_prefix_length`` (cap of the default prefix, None = no
+            cap; 1024 in the published models).
+        layer_idx: position of the layer in its model.
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        feature_dim: int = 16,
-        eps: float = 1e-12,
-        impl: str = "auto",
-        layer_idx: int | None = None,
-        max_prefix_length: int | None = None,
-        **_: object,
-    ) -> None:
-        super().__init__(hidden_size, num_heads, feature_dim, eps, impl, layer_idx)
+    def __init__(self, config: PretrainedConfig, layer_idx: int = 0) -> None:
+        super().__init__(config, layer_idx)
+        max_prefix_length = config.max_prefix_length
         if max_prefix_length is not None and max_prefix_length < 0:
             raise ValueError(f"max_prefix_length must be >= 0 or None, got {max_prefix_length}")
         self.max_prefix_length = max_prefix_length
-        self.proj_k_enc = nn.Linear(hidden_size, num_heads * feature_dim, bias=False)
-        self.proj_v_enc = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
+        self.proj_k_enc = nn.Linear(self.hidden_size, self.num_heads * self.feature_dim, bias=False)
+        self.proj_v_enc = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=False)
 
     def default_prefix_lengths(self, batch: int, length: int, mask: torch.Tensor | None, device) -> torch.Tensor:
         """Every real token of each sequence, capped at ``max_prefix_length``: int ``[B]``."""

@@ -1,14 +1,15 @@
 """Sliding-window (and full causal) softmax attention with rotary embedding, as a layer.
 
-With an integer ``window`` the decoding state is a :class:`jrt.ops.RingBuffer` of ``window + 1`` rotated
-keys/values (constant in the context length); with ``window=None`` the layer is full causal softmax attention
-and its state is a growing :class:`KVCache` (the Transformer baseline).
+With a window (:class:`SlidingWindowAttention`) the decoding state is a :class:`jrt.ops.RingBuffer` of
+``window + 1`` rotated keys/values (constant in the context length); without one (:class:`CausalAttention`, the
+Transformer baseline) the layer is full causal softmax attention and its state is a growing :class:`KVCache`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,11 @@ from jrt.ops import (
     sliding_window_attention,
     sliding_window_decode_step,
 )
-from jrt.ops._checks import check_mask
+from jrt.ops.common import check_mask
+from jrt.ops.sliding_window import check_rotary_base
+
+if TYPE_CHECKING:  # any config object with the fields listed in the docstrings
+    from transformers import PretrainedConfig
 
 
 @dataclass
@@ -91,25 +96,20 @@ class SlidingWindowAttention(nn.Module):
     ``out_proj``: d -> d without bias. Rotary positions count real tokens only (left padding is invisible).
 
     Args:
-        hidden_size: model width d (divisible by ``num_heads``).
-        num_heads: number of heads H (head dim d / H, even when rotary is used).
-        window: tokens back each query sees (128 in the published models); None = full causal attention.
-        rotary_base: rotary base (10000), or None for no position embedding.
-        bias: biases on ``Wqkv`` and ``out_proj``.
-        layer_idx: position in the model (informational).
+        config: reads ``hidden_size`` (d, divisible by the heads), ``num_attention_heads`` (H; head dim d / H,
+            even when rotary is used), ``swa_window`` (tokens back each query sees, 128 in the published models)
+            and ``rotary_base`` (10000, or None for no position embedding). No biases, as published.
+        layer_idx: position in the model.
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        window: int | None = 128,
-        rotary_base: float | None = 10000.0,
-        bias: bool = False,
-        layer_idx: int | None = None,
-        **_: object,
-    ) -> None:
+    #: Full causal attention (no window) when True: see :class:`CausalAttention`.
+    full_attention = False
+
+    def __init__(self, config: PretrainedConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        hidden_size, num_heads = config.hidden_size, config.num_attention_heads
+        window = None if self.full_attention else config.swa_window
+        rotary_base = check_rotary_base(config.rotary_base)
         if hidden_size < 1 or num_heads < 1 or hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be a positive multiple of num_heads ({num_heads})")
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
@@ -122,10 +122,11 @@ class SlidingWindowAttention(nn.Module):
         self.window = window
         self.rotary_base = rotary_base
         self.layer_idx = layer_idx
-        self.Wqkv = nn.Linear(hidden_size, 3 * hidden_size, bias=bias)
-        self.out_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+        self.Wqkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.out_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
-    def empty_state(self, batch: int, dtype: torch.dtype | None = None, device=None) -> SlidingWindowState:
+    def empty_state(self, batch: int) -> SlidingWindowState:
+        """A fresh decoding state for ``batch`` sequences (filled by the first call)."""
         return SlidingWindowState()
 
     def state_size_bytes(
@@ -203,3 +204,11 @@ class SlidingWindowAttention(nn.Module):
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed[:, None], scale=1.0 / math.sqrt(self.head_dim))
         state.cache = cache.write(k, v, real)
         return o.transpose(1, 2).to(v.dtype)
+
+
+class CausalAttention(SlidingWindowAttention):
+    """Full causal softmax attention with rotary embedding (the Transformer baseline): a
+    :class:`SlidingWindowAttention` without a window, whose decoding state is a growing :class:`KVCache`.
+    ``config.swa_window`` is not read."""
+
+    full_attention = True

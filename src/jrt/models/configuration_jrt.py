@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from transformers import PretrainedConfig
 
-#: Mixer names accepted in ``JRTConfig.mixers``.
-MIXER_NAMES = ("base_conv", "pla", "based", "swa", "attention")
+from jrt.layers import MIXERS
+from jrt.ops.common import IMPLS
+
+#: Mixer names registered when the package was imported (``jrt.layers.MIXERS`` is the live registry).
+MIXER_NAMES = tuple(MIXERS)
 
 
 def _pattern(layers: int, pla: tuple[int, ...], swa: tuple[int, ...], pla_name: str = "pla") -> list[str]:
@@ -20,7 +24,8 @@ _SWA_360M = (2, 7, 12, 17, 22)
 _PLA_1B = (1, 6, 11, 16, 21, 27, 33)
 _SWA_1B = (2, 7, 12, 17, 22, 28, 34)
 
-#: Published shapes (DESIGN.md section 3) and small test/demo shapes. ``from_preset`` copies these.
+#: Published shapes (docs/design.md, section 4) and small test/demo shapes; ``from_preset``
+#: copies these.
 PRESETS: dict[str, dict[str, Any]] = {
     "jrt-360m": {
         "hidden_size": 1024, "num_hidden_layers": 26, "num_attention_heads": 16, "intermediate_size": 2048,
@@ -54,9 +59,10 @@ class JRTConfig(PretrainedConfig):
         num_hidden_layers: number of blocks.
         num_attention_heads: heads of the PLA / Based / SWA mixers (head dim ``hidden_size / heads``).
         feature_dim: query/key dim F of the linear-attention mixers before the Taylor map (16).
-        mixers: one mixer name per layer, each one of ``"base_conv"``, ``"pla"``, ``"based"``, ``"swa"``,
-            ``"attention"`` (full causal softmax attention). Default: BaseConv everywhere except layer 1 (PLA)
-            and layer 2 (SWA) when there are enough layers.
+        mixers: one mixer name per layer, each a key of :data:`jrt.layers.MIXERS`: ``"base_conv"``, ``"pla"``,
+            ``"based"``, ``"swa"``, ``"attention"`` (full causal softmax attention), or one added with
+            :func:`jrt.layers.register_mixer`. Default: BaseConv everywhere except layer 1 (PLA) and layer 2 (SWA)
+            when there are enough layers.
         swa_window: tokens back each SWA query sees (128 in the published models).
         intermediate_size: SwiGLU hidden width (default ``2 * hidden_size``).
         max_prefix_length: cap of the default prefix (the prompt) read non-causally by PLA layers (1024).
@@ -68,6 +74,10 @@ class JRTConfig(PretrainedConfig):
         rotary_base: rotary base of the attention mixers.
         linear_attention_eps: denominator epsilon of PLA / Based (1e-12 as published).
         residual_in_fp32: keep the residual stream in float32 whatever the parameter dtype.
+        ops_impl: implementation of the linear-attention operators in PLA / Based layers: ``"auto"`` (Triton on
+            CUDA, the chunked form elsewhere, the token loop for single tokens; the environment variable
+            ``JRT_OPS_IMPL`` overrides ``"auto"``), ``"chunk"``, ``"reference"`` (quadratic: fewer kernel launches
+            for short sequences), ``"recurrent"`` or ``"triton"``.
         tie_word_embeddings: share the embedding and LM-head matrices.
     """
 
@@ -89,9 +99,10 @@ class JRTConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         conv_kernel_size: int = 3,
         conv_expand: int = 2,
-        rotary_base: float = 10000.0,
+        rotary_base: float | None = 10000.0,
         linear_attention_eps: float = 1e-12,
         residual_in_fp32: bool = True,
+        ops_impl: str = "auto",
         use_cache: bool = True,
         tie_word_embeddings: bool = True,
         bos_token_id: int | None = 50256,
@@ -118,6 +129,7 @@ class JRTConfig(PretrainedConfig):
         self.rotary_base = rotary_base
         self.linear_attention_eps = linear_attention_eps
         self.residual_in_fp32 = residual_in_fp32
+        self.ops_impl = ops_impl
         self.use_cache = use_cache
         self.validate_jrt()
         super().__init__(
@@ -141,15 +153,23 @@ class JRTConfig(PretrainedConfig):
             raise ValueError(
                 f"mixers lists {len(self.mixers)} layers but num_hidden_layers is {self.num_hidden_layers}"
             )
-        unknown = sorted({m for m in self.mixers if m not in MIXER_NAMES})
+        unknown = sorted({m for m in self.mixers if m not in MIXERS})
         if unknown:
-            raise ValueError(f"unknown mixer name(s) {unknown}; choose from {', '.join(MIXER_NAMES)}")
+            raise ValueError(f"unknown mixer name(s) {unknown}; choose from {', '.join(MIXERS)}")
         if isinstance(self.swa_window, bool) or not isinstance(self.swa_window, int) or self.swa_window < 0:
             raise ValueError(f"swa_window must be an int >= 0, got {self.swa_window!r}")
         if not isinstance(self.max_prefix_length, int) or self.max_prefix_length < 0:
             raise ValueError(f"max_prefix_length must be an int >= 0, got {self.max_prefix_length!r}")
-        if any(m in ("swa", "attention") for m in self.mixers) and (self.hidden_size // self.num_attention_heads) % 2:
-            raise ValueError("attention mixers use rotary embedding: the head dim hidden_size/heads must be even")
+        for name in ("rms_norm_eps", "linear_attention_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        base = self.rotary_base
+        if base is not None and (isinstance(base, bool) or not isinstance(base, (int, float))
+                                 or not math.isfinite(base) or base <= 0):
+            raise ValueError(f"rotary_base must be a finite number > 0 or None, got {base!r}")
+        if self.ops_impl not in IMPLS:
+            raise ValueError(f"ops_impl must be one of {', '.join(IMPLS)}, got {self.ops_impl!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> JRTConfig:

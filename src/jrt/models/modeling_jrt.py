@@ -1,11 +1,14 @@
 """JRT-RNN as a Hugging Face model: ``JRTModel`` (the backbone) and ``JRTForCausalLM`` (tied LM head,
 ``generate()``), with a recurrent cache whose size does not grow with the context.
 
-Block (DESIGN.md section 3): ``h = h + mixer(norm1(h)); h = h + mlp(norm2(h))`` with RMSNorm pre-norms, a
-SwiGLU MLP and the residual stream kept in float32. No absolute positions (SWA uses rotary inside).
+Block (docs/design.md, section 3): ``h = h + mixer(norm1(h)); h = h + mlp(norm2(h))`` with RMSNorm
+pre-norms, a SwiGLU MLP and the residual stream kept in float32. No absolute positions (SWA uses rotary inside).
+Each block builds its mixer from the registry :data:`jrt.layers.MIXERS` as ``MIXERS[config.mixers[i]](config, i)``;
+the model never looks at mixer names.
 
 Prefix: on the first call of a sequence, each PLA layer reads the first ``M_b`` real tokens non-causally;
-``prefix_lengths`` sets ``M_b`` per sequence, by default the whole prompt capped at ``config.max_prefix_length``.
+``prefix_lengths`` sets ``M_b`` per sequence, by default the whole prompt capped at ``config.max_prefix_length``
+(the rules live in :class:`jrt.layers.PrefixLinearAttention`; the model passes ``prefix_lengths`` through).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from jrt.layers import MIXERS, RMSNorm, SwiGLU
 from jrt.models.configuration_jrt import JRTConfig
-from jrt.ops._checks import check_mask
+from jrt.ops.common import check_mask
 
 try:  # transformers >= 5: init functions that skip parameters loaded from a checkpoint
     from transformers import initialization as _init
@@ -109,21 +112,10 @@ class JRTBlock(nn.Module):
 
     def __init__(self, config: JRTConfig, layer_idx: int) -> None:
         super().__init__()
-        name = config.mixers[layer_idx]
-        self.mixer_name = name
-        d, heads = config.hidden_size, config.num_attention_heads
-        if name == "base_conv":
-            mixer = MIXERS[name](d, kernel_size=config.conv_kernel_size, expand=config.conv_expand, layer_idx=layer_idx)
-        elif name in ("pla", "based"):
-            mixer = MIXERS[name](
-                d, heads, feature_dim=config.feature_dim, eps=config.linear_attention_eps, layer_idx=layer_idx,
-                max_prefix_length=config.max_prefix_length,
-            )
-        else:
-            window = config.swa_window if name == "swa" else None
-            mixer = MIXERS[name](d, heads, window=window, rotary_base=config.rotary_base, layer_idx=layer_idx)
+        d = config.hidden_size
+        self.mixer_name = config.mixers[layer_idx]
         self.norm1 = RMSNorm(d, eps=config.rms_norm_eps)
-        self.mixer = mixer
+        self.mixer = MIXERS[self.mixer_name](config, layer_idx)
         self.norm2 = RMSNorm(d, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(d, config.intermediate_size)
         self.mixer.out_proj._is_residual_output = True
@@ -193,16 +185,7 @@ class JRTPreTrainedModel(PreTrainedModel):
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
         dtype = self._backbone().embeddings.weight.dtype
-        total = 0
-        for block in self._backbone().layers:
-            mixer = block.mixer
-            if block.mixer_name in ("pla", "based"):
-                total += mixer.state_size_bytes(batch)
-            elif block.mixer_name == "base_conv":
-                total += mixer.state_size_bytes(batch, dtype)
-            else:
-                total += mixer.state_size_bytes(batch, dtype, context_length=context_length)
-        return total
+        return sum(block.mixer.state_size_bytes(batch, dtype, context_length) for block in self._backbone().layers)
 
 
 class JRTModel(JRTPreTrainedModel):
@@ -242,8 +225,8 @@ class JRTModel(JRTPreTrainedModel):
             attention_mask: ``[B, T]`` (1 = token, 0 = padding; left padding for batched prompts). With a
                 non-empty cache it may also span the consumed columns, ``[B, cache.num_positions + T]``.
             prefix_lengths: int or int ``[B]``: real tokens read non-causally by PLA layers on the first call
-                (default: every real token capped at ``config.max_prefix_length``). Must be None/0 with a
-                non-empty cache; ignored by models without PLA layers.
+                (default: every real token capped at ``config.max_prefix_length``). PLA layers reject a non-zero
+                value with a non-empty cache; models without PLA layers ignore it.
             past_key_values / cache: a :class:`JRTCache` to continue from (updated in place).
             use_cache: create and return a cache (default ``config.use_cache`` outside training).
 
@@ -274,16 +257,6 @@ class JRTModel(JRTPreTrainedModel):
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = self.make_cache(b, inputs_embeds.device)
-        if cache is not None and not cache.is_empty:
-            if prefix_lengths is not None and bool(torch.as_tensor(prefix_lengths).ne(0).any()):
-                raise ValueError(
-                    "prefix_lengths must be None or 0 when continuing from a non-empty cache: the prefix is read "
-                    "on the first call only"
-                )
-            prefix_lengths = None
-        elif prefix_lengths is None and any(block.mixer_name == "pla" for block in self.layers):
-            real = mask.long().sum(-1) if mask is not None else torch.full((b,), t, device=inputs_embeds.device)
-            prefix_lengths = real.clamp_max(self.config.max_prefix_length)
 
         if self.config.residual_in_fp32:  # float32 residual stream for bf16/fp16 models (float64 stays float64)
             hidden = inputs_embeds.to(torch.promote_types(inputs_embeds.dtype, torch.float32))
@@ -321,7 +294,8 @@ class JRTModel(JRTPreTrainedModel):
     def _new_token_mask(
         attention_mask: torch.Tensor | None, b: int, t: int, past: int, device: torch.device
     ) -> torch.Tensor | None:
-        """The ``[B, T]`` bool mask of the new tokens (None when every position is a token)."""
+        """The ``[B, T]`` bool mask of the new tokens (None when every position is a token). Its values are checked
+        here, once: the layers and operators below receive a bool tensor and check its shape only."""
         if attention_mask is None:
             return None
         if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:

@@ -2,16 +2,20 @@
 
 Shapes follow flash-linear-attention: ``q, k: [B, T, H, F]``, ``v: [B, T, H, Dv]``; states
 ``(S [B, H, D, Dv], z [B, H, D])`` in float32 with ``D = 1+F+F^2``.
+
+Layout (each module imports only from those above it in this list):
+
+* :mod:`jrt.ops.common` - input checks and mask helpers shared by every form, the kernels and the layers;
+* :mod:`jrt.ops.feature_map` - the Taylor feature map, full and compressed, and the state conversions;
+* :mod:`jrt.ops.triton` - the GPU kernels of the linear-attention family (optional: needs Triton);
+* :mod:`jrt.ops.based` - Based linear attention and prefix linear attention: ``naive`` (the reference),
+  ``chunk``, ``chunk_inference``, ``recurrent`` and ``api`` (checks and the one dispatch table);
+* :mod:`jrt.ops.sliding_window` - sliding-window softmax attention with rotary embedding and its decode step.
 """
 
+from jrt.ops.based.api import IMPL_ENV, linear_attention, prefix_linear_attention, resolve_impl
+from jrt.ops.common import prefix_positions
 from jrt.ops.feature_map import compress_state, expand_state, feature_dim, taylor_feature_map, taylor_kernel
-from jrt.ops.linear_attention import (
-    IMPL_ENV,
-    linear_attention,
-    prefix_linear_attention,
-    prefix_positions,
-    resolve_impl,
-)
 from jrt.ops.sliding_window import (
     RingBuffer,
     apply_rotary,

@@ -3,7 +3,9 @@
 ``phi(x) = [1, x / F**(1/4), vec(x x^T) / (sqrt(2) * sqrt(F))]`` so that
 ``phi(q) . phi(k) = 1 + s + s**2 / 2`` with ``s = q . k / sqrt(F)`` (second-order Taylor expansion of
 ``exp(s)``). The compressed map keeps only the upper triangle of ``x x^T`` (off-diagonal terms scaled by
-``sqrt(2)``) and gives the same dot products with a smaller dimension.
+``sqrt(2)``) and gives the same dot products with a smaller dimension. It is the one compressed space of
+the package: :func:`compress_state` / :func:`expand_state` move states between the two spaces, and the chunked
+operator form keeps its running state in it (see :mod:`jrt.ops.based.chunk`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ def feature_dim(f: int, compressed: bool = False) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _triu_indices(f: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = torch.triu_indices(f, f)
+    # cached: made outside inference mode, so that autograd may save them even when the first call is inside it
+    with torch.inference_mode(False):
+        rows, cols = torch.triu_indices(f, f)
     return rows, cols
 
 
@@ -32,6 +36,23 @@ def _diag_weights(
     weights = torch.full(rows.shape, off, dtype=dtype, device=rows.device)
     weights[rows == cols] = diag
     return weights
+
+
+def monomials(x: torch.Tensor) -> torch.Tensor:
+    """``[..., F] -> [..., 1+F+F(F+1)/2]``: ``[1, x_a, x_a x_b (a <= b)]`` unscaled, the upper triangle in
+    row-major order (the order of ``torch.triu_indices``)."""
+    f = x.shape[-1]
+    return torch.cat([torch.ones_like(x[..., :1]), x] + [x[..., a : a + 1] * x[..., a:] for a in range(f)], dim=-1)
+
+
+def monomial_weights(f: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """``[1+F+F(F+1)/2]``: the row scales ``w`` of the compressed map, ``phi_c(x) = w * monomials(x)``:
+    ``1``, ``F**-1/4`` on the linear rows, ``1 / (sqrt(2) sqrt(F))`` on the squares ``x_a^2`` and ``1 / sqrt(F)``
+    on the products ``x_a x_b`` (``a < b``, which stand for both ``(a, b)`` and ``(b, a)`` of the full map)."""
+    rows, cols = _triu_indices(f)
+    quad = _diag_weights(rows, cols, 1.0 / math.sqrt(2.0), 1.0, torch.float64) / math.sqrt(f)
+    head = torch.tensor([1.0] + [f**-0.25] * f, dtype=torch.float64)
+    return torch.cat([head, quad]).to(dtype=dtype, device=device)
 
 
 def taylor_feature_map(x: torch.Tensor, compressed: bool = False) -> torch.Tensor:
@@ -50,15 +71,10 @@ def taylor_feature_map(x: torch.Tensor, compressed: bool = False) -> torch.Tenso
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"taylor_feature_map expects a tensor [..., F] with F >= 1, got {tuple(x.shape)}")
     f = x.shape[-1]
-    linear = x * (f**-0.25)
     if compressed:
-        rows, cols = _triu_indices(f)
-        rows, cols = rows.to(x.device), cols.to(x.device)
-        # diagonal terms carry 1/sqrt(2), off-diagonal ones appear once instead of twice: weight 1.
-        weight = _diag_weights(rows, cols, 1.0 / math.sqrt(2.0), 1.0, x.dtype) / math.sqrt(f)
-        quad = x[..., rows] * x[..., cols] * weight
-    else:
-        quad = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / (math.sqrt(2.0) * math.sqrt(f))
+        return monomials(x) * monomial_weights(f, x.dtype, x.device)
+    linear = x * (f**-0.25)
+    quad = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) / (math.sqrt(2.0) * math.sqrt(f))
     ones = torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
     return torch.cat([ones, linear, quad], dim=-1)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from jrt.ops._checks import check_impl, check_mask, check_qkv
+from jrt.ops.common import check_impl, check_mask, check_qkv, drop_rows
 
 DEFAULT_ROTARY_BASE = 10000.0
 
@@ -29,8 +29,18 @@ def positions_from_mask(attention_mask: torch.Tensor | None, batch: int, length:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def check_rotary_base(base: object) -> float | None:
+    """None (no rotary embedding) or a finite number > 0."""
+    if base is None:
+        return None
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 0:
+        raise ValueError(f"rotary_base must be a finite number > 0 or None, got {base!r}")
+    return float(base)
+
+
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, base: float = DEFAULT_ROTARY_BASE) -> torch.Tensor:
     """Rotate ``x [B, T, H, Dh]`` (Dh even) by the angles of ``positions [B, T]`` (half-split layout)."""
+    check_rotary_base(base)
     dh = x.shape[-1]
     if dh % 2:
         raise ValueError(f"rotary embedding needs an even head dimension, got {dh}")
@@ -70,8 +80,9 @@ def sliding_window_attention(
     Args:
         q, k, v: ``[B, T, H, Dh]`` (projections before rotary embedding).
         window: how many tokens back each query sees (>= 0).
-        attention_mask: ``[B, T]``, 1 = token, 0 = padding; padded keys are never attended to.
-        rotary_base: base of the rotary embedding, or None to apply none.
+        attention_mask: ``[B, T]``, 1 = token, 0 = padding; padded keys are never attended to (their keys and
+            values are replaced by zeros first, so that a NaN or inf there cannot leak).
+        rotary_base: base of the rotary embedding (> 0), or None to apply none.
         impl: ``"reference"``, ``"chunk"`` (blocked, ``O(T * window)``) or ``"auto"`` (= chunk).
 
     Returns:
@@ -81,8 +92,10 @@ def sliding_window_attention(
     check_impl(impl, ("auto", "reference", "chunk"))
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0, got {window!r}")
+    rotary_base = check_rotary_base(rotary_base)
     b, t, h, dh = q.shape
     mask = check_mask(attention_mask, b, t, q.device)
+    k, v = drop_rows(k, mask), drop_rows(v, mask)
     if rotary_base is not None:
         pos = positions_from_mask(mask, b, t, q.device)
         q, k = apply_rotary(q, pos, rotary_base), apply_rotary(k, pos, rotary_base)
@@ -189,6 +202,7 @@ def sliding_window_decode_step(
     check_qkv(q, k, v)
     if q.shape[1] != 1:
         raise ValueError(f"sliding_window_decode_step takes one token per sequence, got T={q.shape[1]}")
+    rotary_base = check_rotary_base(rotary_base)
     pos = cache.length[:, None]
     if rotary_base is not None:
         q, k = apply_rotary(q, pos, rotary_base), apply_rotary(k, pos, rotary_base)

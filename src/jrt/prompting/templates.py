@@ -69,7 +69,7 @@ class _Fields(dict):
         raise ValueError(f"prompt template needs field {key!r}, which the example does not have")
 
 
-#: Prompt layout per template family (DESIGN.md section 4).
+#: Prompt layout per template family (docs/design.md, section 5).
 FORMATS: dict[str, PromptFormat] = {
     # FDA and SWDE: "{text} {key}:" / "Information about {key}. {text}\n{text} {key}:"
     "kv": PromptFormat(intro="Information about {key}. ", separator="\n", cue=" {key}:"),
@@ -92,7 +92,7 @@ TASK_FAMILY: dict[str, str] = {
     "drop": "qa",
 }
 
-#: The table of templates per task and mode, as written in DESIGN.md (with unified field names).
+#: The table of templates per task and mode (docs/design.md, section 5; unified field names).
 TEMPLATES: dict[str, dict[str, str]] = {
     task: {"default": FORMATS[family].template(1), "twice": FORMATS[family].template(2)}
     for task, family in TASK_FAMILY.items()

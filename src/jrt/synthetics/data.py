@@ -9,7 +9,7 @@ is not taken.
 Token layout (both tasks): id 0 is padding / "no query here", ids ``1 .. NUM_SPECIAL-1`` are separators, and
 ids ``NUM_SPECIAL .. vocab_size-1`` are the content vocabulary, split into a lower and an upper half.
 
-**SD** (DESIGN.md section 5)::
+**SD** (docs/design.md, section 6)::
 
     [1] a_1 .. a_n [2] b_1 .. b_m [3]        -> label at [3]: the one element shared by A and B
     [1] A [2] B [1] A [2] B [3]              (read twice)

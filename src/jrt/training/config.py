@@ -4,7 +4,7 @@ A training preset names a *model* preset (resolved by :func:`jrt.training.models
 batch, schedule and objective of the run. Precedence, lowest first: dataclass defaults, ``--preset``,
 ``--config FILE``, command-line overrides.
 
-Published runs (DESIGN.md section 3): sequences of 2048 tokens, a prefix of M = 1024 tokens with a masked-LM
+Published runs (docs/design.md, section 4): sequences of 2048 tokens, a prefix of M = 1024 tokens with a masked-LM
 loss of weight 0.25 (JRT-RNN only), AdamW lr 8e-4, betas (0.9, 0.95), weight decay 0.1, warmup 600 (360M) /
 1000 (1.3B) steps from 1e-6, cosine to 8e-5 over 60k / 100k steps, global batch 256 x 2048 tokens, bf16,
 gradient clipping at 1.0.

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 PADDED_VOCAB = 50264
-MASK_TOKEN_ID = 50263
 
 #: transformers baseline configs: name -> (family, kwargs).
 BASELINE_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -40,26 +39,10 @@ def _baseline(name: str, overrides: dict[str, Any]) -> nn.Module:
 
         kwargs.setdefault("max_position_embeddings", 4096)
         kwargs.setdefault("rms_norm_eps", 1e-5)
-        cfg = LlamaConfig(**kwargs)
-        cfg.jrt_preset = name
-        return LlamaForCausalLM(cfg)
+        return LlamaForCausalLM(LlamaConfig(**kwargs))
     from transformers import MambaConfig, MambaForCausalLM
 
-    cfg = MambaConfig(**kwargs)
-    cfg.jrt_preset = name
-    return MambaForCausalLM(cfg)
-
-
-def model_names() -> list[str]:
-    """All model preset names the trainer knows (JRT ones only when :mod:`jrt.models` imports)."""
-    names = list(BASELINE_PRESETS)
-    try:
-        from jrt.models import PRESETS
-
-        names += list(PRESETS)
-    except ImportError:
-        pass
-    return sorted(set(names))
+    return MambaForCausalLM(MambaConfig(**kwargs))
 
 
 def build_model(name: str, overrides: dict[str, Any] | None = None) -> nn.Module:

@@ -118,9 +118,6 @@ class Trainer:
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and info.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if bf16 \
             else contextlib.nullcontext
-        # validation runs in float32: the weights are float32 anyway, and the chunked linear-attention ops
-        # reject bfloat16 autocast outputs in their no-grad path (an out= matmul)
-        self.eval_autocast = contextlib.nullcontext
         self.n_params = count_parameters(self.raw)
         # a JRT model trained with plain next-token loss must read nothing non-causally (its default prefix is
         # the whole prompt, which would show it the targets)
@@ -300,7 +297,7 @@ class Trainer:
             windows = self.val_ds.batch(idx)
             keys = [(-1, i) for i in idx]
             batch = self._batch(windows, keys).to(info.device)
-            with self.eval_autocast():
+            with self.autocast():
                 logits = self._forward(model, batch.input_ids, batch.prefix_lengths).float()
             ce = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE,
                                  reduction="none").view_as(batch.targets).double()
@@ -309,7 +306,7 @@ class Trainer:
             clean = make_batch(windows, keys, objective="prefix_mlm", prefix_len=dec_prefix, mask=False,
                                seed=c.seed).to(info.device)
             if self.objective == "prefix_mlm":
-                with self.eval_autocast():
+                with self.autocast():
                     logits = self._forward(model, clean.input_ids, clean.prefix_lengths).float()
             dec = F.cross_entropy(logits.flatten(0, 1), clean.targets.flatten(), ignore_index=IGNORE,
                                   reduction="sum").double()

@@ -1,6 +1,6 @@
 """Triton GPU kernels for Based linear attention and JRT-RNN's prefix linear attention.
 
-Importing this package raises ``ImportError`` when Triton is not installed (``jrt.ops.linear_attention``
+Importing this package raises ``ImportError`` when Triton is not installed (``jrt.ops.based.api``
 probes it to decide whether ``impl="auto"`` may take these kernels on CUDA tensors).
 
 * :func:`linear_attention` / :func:`prefix_linear_attention` - the forward passes behind ``impl="triton"``
@@ -8,15 +8,15 @@ probes it to decide whether ``impl="auto"`` may take these kernels on CUDA tenso
   padding masks, per-sequence prefix lengths; the sequence is split into segments processed in parallel on
   a GPU). **Backward**: a documented fallback - when an input requires grad, the forward runs the Triton
   kernels inside an ``autograd.Function`` whose backward recomputes the op through the chunked PyTorch form
-  (``impl="chunk"``) and differentiates that.
-* :func:`linear_attention_step` - one decoding step for a batch of states.
+  (``impl="chunk"``, :mod:`jrt.ops.based.layout`) and differentiates that.
+
+Decoding steps (``T = 1`` per call) run through the same causal kernel, with the state handed in and out.
 
 The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``
 set before this package is first imported; slow, for tests). On CUDA, the chunk kernels are autotuned over
 a few launch configurations (``JRT_TRITON_AUTOTUNE=0`` turns that off); bfloat16/float16 inputs use 16-bit
 tensor-core operands with float32 accumulation, float32 inputs exact float32 products, float64 inputs are
-computed in float32. The causal kernel comes in two state layouts (``state_layout="d_major"``, the
-default, or ``"v_major"``; ``JRT_TRITON_STATE_LAYOUT`` sets the default) that compute the same thing.
+computed in float32.
 """
 
 from __future__ import annotations
@@ -25,20 +25,18 @@ import triton  # noqa: F401  (ImportError here when Triton is absent)
 
 from jrt.ops.triton._ops import (
     AUTOTUNE_ENV,
-    LAYOUT_ENV,
+    CUDA_CONFIGS,
     MAX_FEATURE_DIM,
-    STATE_LAYOUTS,
+    autotuned_configs,
     linear_attention,
-    linear_attention_step,
     prefix_linear_attention,
 )
 
 __all__ = [
     "AUTOTUNE_ENV",
-    "LAYOUT_ENV",
+    "CUDA_CONFIGS",
     "MAX_FEATURE_DIM",
-    "STATE_LAYOUTS",
+    "autotuned_configs",
     "linear_attention",
-    "linear_attention_step",
     "prefix_linear_attention",
 ]

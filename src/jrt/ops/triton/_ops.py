@@ -9,10 +9,10 @@ import os
 import torch
 import triton
 
+from jrt.ops.based.layout import chunked, pytorch_form
+from jrt.ops.common import State, prefix_positions
 from jrt.ops.feature_map import feature_dim
 from jrt.ops.triton import _kernels
-
-State = tuple[torch.Tensor, torch.Tensor]
 
 #: Largest feature dimension the kernels accept (the state block ``[BK*BK, BV]`` lives in registers).
 MAX_FEATURE_DIM = 32
@@ -20,17 +20,13 @@ MAX_FEATURE_DIM = 32
 AUTOTUNE_ENV = "JRT_TRITON_AUTOTUNE"
 #: Shortest segment of the segmented causal pass (see :func:`linear_attention`).
 MIN_SEGMENT = 1024
-#: Environment variable: default ``state_layout`` of the causal kernel (``d_major`` or ``v_major``).
-LAYOUT_ENV = "JRT_TRITON_STATE_LAYOUT"
-STATE_LAYOUTS = {"d_major": "causal_fwd_kernel", "v_major": "causal_fwd_kernel_vmajor"}
 
 # (BT, BV, num_warps) tried on CUDA per kernel; the first one is the default without autotuning. They
 # were chosen by compiling for sm_90 offline (Triton's ptxas, no GPU at hand): with bfloat16 inputs and
 # F = 16 the defaults spill at most 32 bytes per thread. BT is the chunk length, BV the value columns of one
 # program.
-_CUDA_CONFIGS = {
+CUDA_CONFIGS = {
     "causal_fwd_kernel": ((16, 32, 8), (16, 16, 4), (32, 32, 8), (16, 64, 8)),
-    "causal_fwd_kernel_vmajor": ((16, 32, 8), (16, 16, 4), (32, 32, 8), (16, 32, 4), (16, 64, 8)),
     "chunk_state_kernel": ((16, 32, 8), (32, 32, 8), (16, 32, 4), (64, 32, 8)),
 }
 _INTERPRET_CONFIG = (16, 32, 4)
@@ -83,9 +79,18 @@ def _autotune_on() -> bool:
 
 @functools.cache
 def _tuned(name: str):
-    """The autotuned (CUDA) version of a chunk kernel: tries ``_CUDA_CONFIGS`` once per (F, Dv, dtypes)."""
-    configs = [triton.Config({"BT": bt, "BV": bv}, num_warps=w) for bt, bv, w in _CUDA_CONFIGS[name]]
+    """The autotuned (CUDA) version of a chunk kernel: tries ``CUDA_CONFIGS`` once per (F, Dv, dtypes)."""
+    configs = [triton.Config({"BT": bt, "BV": bv}, num_warps=w) for bt, bv, w in CUDA_CONFIGS[name]]
     return triton.autotune(configs=configs, key=["F", "DV"])(getattr(_kernels, name))
+
+
+def autotuned_configs() -> dict[str, str]:
+    """The launch configuration the autotuner chose for each kernel (last key tuned), or ``"not tuned"``."""
+    chosen = {}
+    for name in CUDA_CONFIGS:
+        best = getattr(_tuned(name), "best_config", None)
+        chosen[name] = str(best) if best is not None else "not tuned"
+    return chosen
 
 
 def _launch(name: str, grid_of, args: list, constexprs: dict, device: torch.device) -> None:
@@ -93,7 +98,7 @@ def _launch(name: str, grid_of, args: list, constexprs: dict, device: torch.devi
     if device.type == "cuda" and _autotune_on():
         _tuned(name)[lambda meta: grid_of(meta["BV"])](*args, **constexprs)
         return
-    bt, bv, warps = _CUDA_CONFIGS[name][0] if device.type == "cuda" else _INTERPRET_CONFIG
+    bt, bv, warps = CUDA_CONFIGS[name][0] if device.type == "cuda" else _INTERPRET_CONFIG
     kernel = getattr(_kernels, name)
     extra = {"num_warps": warps} if device.type == "cuda" else {}
     kernel[grid_of(bv)](*args, BT=bt, BV=bv, **constexprs, **extra)
@@ -117,17 +122,9 @@ def _num_segments(batch_heads: int, dv: int, length: int, device: torch.device, 
 
 
 def _segment_length(length: int, segments: int, multiple: int = 64) -> int:
-    """Length of each segment, a multiple of every chunk length ``BT`` in ``_CUDA_CONFIGS`` (so chunks never
+    """Length of each segment, a multiple of every chunk length ``BT`` in ``CUDA_CONFIGS`` (so chunks never
     straddle segments)."""
     return triton.cdiv(triton.cdiv(length, segments), multiple) * multiple
-
-
-def _state_layout(layout: str | None) -> str:
-    """The causal kernel for ``layout`` (default: ``$JRT_TRITON_STATE_LAYOUT``, else ``d_major``)."""
-    layout = layout or os.environ.get(LAYOUT_ENV, "").strip() or "d_major"
-    if layout not in STATE_LAYOUTS:
-        raise ValueError(f"unknown state_layout {layout!r}; choose one of {', '.join(STATE_LAYOUTS)}")
-    return STATE_LAYOUTS[layout]
 
 
 def _keep_bytes(keep: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -165,10 +162,9 @@ def _chunk_states(
 
 def _causal_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, init: State | None,
-    output_final_state: bool, eps: float, num_segments: int | None, state_layout: str | None = None,
+    output_final_state: bool, eps: float, num_segments: int | None,
 ) -> tuple[torch.Tensor, State | None]:
     """The causal pass from ``init`` (float32 ``(S, z)`` or None); float32/bfloat16/float16 inputs."""
-    kernel = _state_layout(state_layout)
     b, t, h, f = q.shape
     dv = v.shape[-1]
     d = feature_dim(f)
@@ -219,7 +215,7 @@ def _causal_forward(
         BK=_block_k(f), HAS_KEEP=keep8 is not None, HAS_INIT=init is not None, STORE_FINAL=store_final,
         LOWP=lowp, LOWP_BF16=lowp_bf16,
     )
-    _launch(kernel, lambda bv: (triton.cdiv(dv, bv), b * h, n), args, constexprs, q.device)
+    _launch("causal_fwd_kernel", lambda bv: (triton.cdiv(dv, bv), b * h, n), args, constexprs, q.device)
     return o, final
 
 
@@ -248,6 +244,10 @@ def _encoder_state(
     return s_parts.sum(0), z_parts.sum(0)
 
 
+#: The chunked PyTorch form on the public layout: the backward pass of the kernels recomputes through it.
+_CHUNK_FORM = pytorch_form(chunked)
+
+
 class _RecomputeBackward(torch.autograd.Function):
     """Triton forward; backward by recomputing through the chunked PyTorch form (``impl="chunk"``)."""
 
@@ -258,19 +258,16 @@ class _RecomputeBackward(torch.autograd.Function):
         init = None if s0 is None else (s0, z0)
         if spec["prefix"]:
             o, state = _prefix_forward(q, k, v, k_enc, v_enc, spec["prefix_lengths"], spec["mask"], init,
-                                       spec["output_final_state"], spec["eps"], spec["num_segments"],
-                                       spec["state_layout"])
+                                       spec["output_final_state"], spec["eps"], spec["num_segments"])
         else:
             o, state = _linear_forward(q, k, v, spec["mask"], init, spec["output_final_state"], spec["eps"],
-                                       spec["num_segments"], spec["state_layout"])
+                                       spec["num_segments"])
         if state is None:
             return o
         return o, state[0], state[1]
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        import jrt.ops as ops
-
         spec = ctx.spec
         saved = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]
@@ -281,17 +278,8 @@ class _RecomputeBackward(torch.autograd.Function):
             ]
             q, k, v, k_enc, v_enc, s0, z0 = inputs
             init = None if s0 is None else (s0, z0)
-            if spec["prefix"]:
-                o, state = ops.prefix_linear_attention(
-                    q, k, v, k_enc, v_enc, spec["prefix_lengths"], attention_mask=spec["mask"],
-                    initial_state=init, output_final_state=spec["output_final_state"], eps=spec["eps"],
-                    impl="chunk",
-                )
-            else:
-                o, state = ops.linear_attention(
-                    q, k, v, initial_state=init, output_final_state=spec["output_final_state"],
-                    eps=spec["eps"], attention_mask=spec["mask"], impl="chunk",
-                )
+            encoder = (k_enc, v_enc, spec["prefix_lengths"]) if spec["prefix"] else None
+            o, state = _CHUNK_FORM(q, k, v, spec["mask"], init, encoder, spec["eps"], spec["output_final_state"])
             outputs = [o] if state is None else [o, state[0], state[1]]
             pairs = [(out, g) for out, g in zip(outputs, grads) if g is not None]
             wanted = [x for x, need in zip(inputs, needs) if need and x is not None]
@@ -307,23 +295,20 @@ def _needs_autograd(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _linear_forward(q, k, v, mask, init, output_final_state, eps, num_segments, state_layout):
+def _linear_forward(q, k, v, mask, init, output_final_state, eps, num_segments):
     q, k, v = (_as_kernel_input(x) for x in (q, k, v))
-    o, state = _causal_forward(q, k, v, mask, init, output_final_state, eps, num_segments, state_layout)
-    return o, state
+    return _causal_forward(q, k, v, mask, init, output_final_state, eps, num_segments)
 
 
 def _prefix_forward(
-    q, k, v, k_enc, v_enc, prefix_lengths, mask, init, output_final_state, eps, num_segments, state_layout
+    q, k, v, k_enc, v_enc, prefix_lengths, mask, init, output_final_state, eps, num_segments
 ):
-    from jrt.ops import prefix_positions
-
     q, k, v, k_enc, v_enc = (_as_kernel_input(x) for x in (q, k, v, k_enc, v_enc))
     in_prefix = prefix_positions(prefix_lengths, q.shape[1], mask)
     enc_s, enc_z = _encoder_state(k_enc, v_enc, in_prefix, num_segments)
     if init is not None:
         enc_s, enc_z = enc_s + init[0].float(), enc_z + init[1].float()
-    return _causal_forward(q, k, v, mask, (enc_s, enc_z), output_final_state, eps, num_segments, state_layout)
+    return _causal_forward(q, k, v, mask, (enc_s, enc_z), output_final_state, eps, num_segments)
 
 
 def _finish(result, v: torch.Tensor, output_final_state: bool) -> tuple[torch.Tensor, State | None]:
@@ -343,7 +328,6 @@ def linear_attention(
     eps: float = 1e-6,
     attention_mask: torch.Tensor | None = None,
     num_segments: int | None = None,
-    state_layout: str | None = None,
 ) -> tuple[torch.Tensor, State | None]:
     """Causal, normalised Based linear attention (Taylor map fused) with the Triton kernels.
 
@@ -358,23 +342,21 @@ def linear_attention(
         num_segments: split the sequence into this many segments processed in parallel (their starting
             states come from a first pass of per-segment state sums and a prefix sum). Default: 1 on CPU
             (interpreter); on CUDA one, or more when batch * heads is too small to fill the GPU.
-        state_layout: how the causal kernel holds the running state: ``"d_major"`` (tiles ``[D, BV]``) or
-            ``"v_major"`` (``[BV, D]``, output computed transposed); the same results, possibly different
-            speed. Default: ``$JRT_TRITON_STATE_LAYOUT``, else ``"d_major"``.
 
     Returns:
         ``(o [B, T, H, Dv] in v's dtype, (S, z) float32 or None)``. float64 inputs are computed in float32.
         With ``requires_grad`` inputs, the backward pass recomputes through the chunked PyTorch form.
     """
     _check_device(q, k, v)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device=q.device, dtype=torch.bool)
     init = None if initial_state is None else (initial_state[0].float(), initial_state[1].float())
-    _state_layout(state_layout)
     spec = dict(prefix=False, mask=attention_mask, output_final_state=output_final_state, eps=eps,
-                num_segments=num_segments, state_layout=state_layout)
+                num_segments=num_segments)
     if _needs_autograd(q, k, v, *(initial_state or ())):
         s0, z0 = initial_state if initial_state is not None else (None, None)
         return _finish(_RecomputeBackward.apply(spec, q, k, v, None, None, s0, z0), v, output_final_state)
-    o, state = _linear_forward(q, k, v, attention_mask, init, output_final_state, eps, num_segments, state_layout)
+    o, state = _linear_forward(q, k, v, attention_mask, init, output_final_state, eps, num_segments)
     return o.to(v.dtype), state
 
 
@@ -391,7 +373,6 @@ def prefix_linear_attention(
     output_final_state: bool = False,
     eps: float = 1e-6,
     num_segments: int | None = None,
-    state_layout: str | None = None,
 ) -> tuple[torch.Tensor, State | None]:
     """JRT-RNN's prefix linear attention with the Triton kernels: the encoder state of each sequence's first
     ``prefix_lengths[b]`` real tokens (one reduction kernel, split over segments), then the causal pass
@@ -400,7 +381,7 @@ def prefix_linear_attention(
     Args:
         q, k: ``[B, T, H, F]``; v: ``[B, T, H, Dv]``; k_enc, v_enc: encoder projections of the same shapes.
         prefix_lengths: long ``[B]``, validated (``0 <= M_b <=`` real tokens).
-        attention_mask, initial_state, output_final_state, eps, num_segments, state_layout: as in
+        attention_mask, initial_state, output_final_state, eps, num_segments: as in
             :func:`linear_attention`.
 
     Returns:
@@ -411,88 +392,11 @@ def prefix_linear_attention(
     if attention_mask is not None:
         attention_mask = attention_mask.to(device=q.device, dtype=torch.bool)
     init = None if initial_state is None else (initial_state[0].float(), initial_state[1].float())
-    _state_layout(state_layout)
     spec = dict(prefix=True, mask=attention_mask, prefix_lengths=prefix_lengths,
-                output_final_state=output_final_state, eps=eps, num_segments=num_segments,
-                state_layout=state_layout)
+                output_final_state=output_final_state, eps=eps, num_segments=num_segments)
     if _needs_autograd(q, k, v, k_enc, v_enc, *(initial_state or ())):
         s0, z0 = initial_state if initial_state is not None else (None, None)
         return _finish(_RecomputeBackward.apply(spec, q, k, v, k_enc, v_enc, s0, z0), v, output_final_state)
     o, state = _prefix_forward(q, k, v, k_enc, v_enc, prefix_lengths, attention_mask, init, output_final_state,
-                               eps, num_segments, state_layout)
+                               eps, num_segments)
     return o.to(v.dtype), state
-
-
-def linear_attention_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    state: State,
-    *,
-    eps: float = 1e-6,
-    attention_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, State]:
-    """One decoding step of Based linear attention for a batch of states (Triton kernel).
-
-    ``S' = S + phi(k) v^T``, ``z' = z + phi(k)``, ``o = phi(q) . S' / (phi(q) . z' + eps)``: the same as
-    :func:`jrt.ops.linear_attention` on a single token with ``initial_state=state``.
-
-    Args:
-        q, k: ``[B, H, F]`` (or ``[B, 1, H, F]``); v: ``[B, H, Dv]`` (or ``[B, 1, H, Dv]``).
-        state: ``(S [B, H, D, Dv], z [B, H, D])`` with ``D = 1+F+F^2`` (any float dtype; read as float32).
-        eps: added to the denominator.
-        attention_mask: optional bool ``[B]`` (or ``[B, 1]``); sequences marked False keep their state
-            unchanged (their output reads the unchanged state).
-
-    Returns:
-        ``(o, (S', z'))``: ``o`` in v's dtype and v's layout (``[B, H, Dv]`` or ``[B, 1, H, Dv]``); the new
-        state in float32 (new tensors; the input state is not modified).
-    """
-    if not all(torch.is_tensor(x) and x.is_floating_point() for x in (q, k, v)):
-        raise ValueError("q, k and v must be floating-point tensors")
-    with_time = q.dim() == 4
-    if with_time:
-        if q.shape[1] != 1 or k.shape[1] != 1 or v.dim() != 4 or v.shape[1] != 1:
-            raise ValueError(
-                f"4-D inputs must hold one token [B, 1, H, *], got q {tuple(q.shape)}, v {tuple(v.shape)}"
-            )
-        q, k, v = q[:, 0], k[:, 0], v[:, 0]
-    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
-        raise ValueError(
-            f"expected q, k [B, H, F] and v [B, H, Dv], got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-            f"v {tuple(v.shape)}"
-        )
-    b, h, f = q.shape
-    dv = v.shape[-1]
-    d = feature_dim(f)
-    if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise ValueError("state must be a pair (S [B, H, D, Dv], z [B, H, D])")
-    s, z = state
-    if tuple(s.shape) != (b, h, d, dv) or tuple(z.shape) != (b, h, d):
-        raise ValueError(
-            f"state must be S {(b, h, d, dv)} and z {(b, h, d)}, got S {tuple(s.shape)} and z {tuple(z.shape)}"
-        )
-    keep = None
-    if attention_mask is not None:
-        keep = attention_mask.reshape(-1)
-        if keep.shape[0] != b:
-            raise ValueError(f"attention_mask must have B={b} entries, got shape {tuple(attention_mask.shape)}")
-        keep = keep.to(device=q.device, dtype=torch.int8).contiguous()
-    _check_device(q, k, v, s, z)
-    _block_k(f)
-    q, k, v = (_as_kernel_input(x) for x in (q, k, v))
-    s = s.to(torch.float32).contiguous()
-    z = z.to(torch.float32).contiguous()
-    o = torch.empty(b, h, dv, device=q.device, dtype=v.dtype)
-    s_out, z_out = torch.empty_like(s), torch.empty_like(z)
-    bv = min(64, triton.next_power_of_2(dv))
-    extra = {"num_warps": 4} if q.is_cuda else {}
-    _kernels.step_kernel[(triton.cdiv(dv, bv), b * h)](
-        q, k, v, keep if keep is not None else o, s, z, o, s_out, z_out,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        h, f, dv, f**-0.25, float(eps),
-        BR=64, BV=bv, HAS_KEEP=keep is not None, **extra,
-    )
-    if with_time:
-        o = o.unsqueeze(1)
-    return o, (s_out, z_out)

@@ -1,9 +1,19 @@
-"""Input validation shared by the operators: every problem is a ``ValueError`` that names it."""
+"""The bottom of :mod:`jrt.ops`: input checks and mask helpers shared by every operator form, the Triton
+kernels and the layers. It imports nothing from the rest of ``jrt``.
+
+Every problem is reported as a one-line ``ValueError`` that names the argument.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 
+#: A linear-attention state ``(S [B, H, D, Dv], z [B, H, D])``.
+State = tuple[torch.Tensor, torch.Tensor]
+#: Implementations of the linear-attention operators (``"auto"`` picks one per call).
 IMPLS = ("auto", "reference", "chunk", "recurrent", "triton")
 
 
@@ -98,6 +108,13 @@ def check_state(
     return s.to(device), z.to(device)
 
 
+def check_eps(eps: object, name: str = "eps") -> float:
+    """A finite float ``>= 0`` (added to a denominator)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
 def check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> str:
     if impl not in allowed:
         raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(allowed)}")
@@ -107,3 +124,33 @@ def check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> str:
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 when any input is float64, else float32 (bfloat16/float16 inputs accumulate in float32)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def prefix_positions(prefix_lengths: torch.Tensor, length: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T]`` bool: the positions that belong to each sequence's prefix (its first ``M_b`` real tokens).
+
+    ``prefix_lengths``: long ``[B]``; ``mask``: bool ``[B, T]`` (True = token) or None.
+    """
+    if mask is None:
+        index = torch.arange(length, device=prefix_lengths.device).expand(prefix_lengths.shape[0], length)
+        return index < prefix_lengths[:, None]
+    index = mask.long().cumsum(-1) - 1  # index among real tokens
+    return mask & (index < prefix_lengths[:, None])
+
+
+def drop_rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Zero the time rows of ``x [B, T, ...]`` where ``keep [B, T]`` is False.
+
+    A select, not a multiply: a NaN or inf in a dropped row must not survive (``nan * 0`` is NaN).
+    """
+    if keep is None:
+        return x
+    keep = keep.reshape(*keep.shape, *([1] * (x.dim() - 2)))
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def exact(device: torch.device):
+    """Switch autocast off: the operators choose their own precision (float32 accumulation)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()

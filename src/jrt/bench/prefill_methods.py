@@ -1,0 +1,332 @@
+"""The methods of ``jrt bench prefill``: one registry, FLOP models and one timer per device type.
+
+Every method builds a :class:`Case` (a callable plus its FLOP count, prompt tokens and minimum memory traffic)
+for a :class:`Shape`, through one of two backends:
+
+* ``"ops"`` - the library's operators as a user calls them (:mod:`jrt.ops` with an ``impl``; any device);
+* ``"kernels"`` - the CUDA kernels called directly: ``scaled_dot_product_attention`` on the flash backend
+  (FlashAttention-2), the Triton kernels of :mod:`jrt.ops.triton`, flash-linear-attention's Based kernels.
+
+Methods (at prompt length ``T``): ``sdpa`` (causal softmax attention over ``T``: the baseline), ``jrt_prompt``
+(causal linear attention over ``2T``: the prompt read twice), ``jrt_rnn`` (prefix linear attention over ``T``
+with prefix ``T/2``), ``based`` (causal linear attention over ``T``) and ``fla_fused_chunk_based`` /
+``fla_parallel_based`` (flash-linear-attention's kernels over ``T``).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from jrt.ops import linear_attention, prefix_linear_attention
+from jrt.ops.feature_map import feature_dim
+
+# ------------------------------------------------------------------------------------------------ FLOP models
+
+
+def sdpa_flops(batch: int, heads: int, length: int, head_dim: int) -> float:
+    """Causal softmax attention: ``QK^T`` and ``PV`` over the lower triangle (2 * 2 * T^2/2 * Dh per head)."""
+    return 2.0 * batch * heads * length * length * head_dim
+
+
+def linear_attention_flops(batch: int, heads: int, length: int, f: int, dv: int, chunk: int = 64) -> float:
+    """Causal linear attention in the chunked PyTorch form: intra-chunk ``QK^T`` and ``A [v, 1]`` plus the state
+    update and read in the compressed feature space (``D = 1+F+F(F+1)/2``)."""
+    d = feature_dim(f, compressed=True)
+    per_token = 2 * chunk * (f + dv + 1) + 4 * d * (dv + 1)
+    return float(batch * heads * length * per_token)
+
+
+def prefix_flops(batch: int, heads: int, length: int, prefix: int, f: int, dv: int, chunk: int = 64) -> float:
+    """Prefix linear attention in the chunked PyTorch form: the encoder state over the prefix plus the causal
+    pass."""
+    d = feature_dim(f, compressed=True)
+    return linear_attention_flops(batch, heads, length, f, dv, chunk) + 2.0 * batch * heads * prefix * d * (dv + 1)
+
+
+def kernel_flops(b: int, h: int, t: int, f: int, dv: int, chunk: int = 16, prefix: int = 0) -> float:
+    """Linear attention in the Triton kernels: ``B*H*T * (4*D*Dv + 2*C*(F+Dv))`` with the full ``D = 1+F+F^2``
+    (state read and update per token, intra-chunk products with chunk ``C``), plus ``2*D*Dv`` per prefix token
+    for the encoder state."""
+    d = 1 + f + f * f
+    return b * h * (t * (4 * d * dv + 2 * chunk * (f + dv)) + prefix * 2 * d * dv)
+
+
+# ------------------------------------------------------------------------------------------------ timers
+
+
+class _RssSampler:
+    """Peak growth of the resident set size while running, sampled every millisecond (Linux ``/proc``)."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.available = os.path.exists("/proc/self/statm")
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * self.page
+
+    def __enter__(self) -> _RssSampler:
+        if self.available:
+            self.base = self._rss()
+            self.peak = self.base
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        if self.available:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+
+    @property
+    def growth(self) -> int | None:
+        return self.peak - self.base if self.available else None
+
+
+def time_cpu(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> tuple[float, int | None]:
+    """Median seconds of ``fn()`` (wall clock) over ``repeats`` calls after ``warmup`` calls, and the growth of
+    the resident set during the first timed call (sampled)."""
+    for _ in range(warmup):
+        fn()
+    times, peak = [], None
+    for i in range(repeats):
+        if i == 0:
+            with _RssSampler() as sampler:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            peak = sampler.growth
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), peak
+
+
+def time_cuda(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> tuple[float, int | None]:
+    """Median seconds of ``fn()`` on the current CUDA stream (CUDA events) over ``repeats`` calls after ``warmup``
+    calls, and the allocator's peak above the memory allocated before."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(stop) / 1000.0)
+    return statistics.median(times), torch.cuda.max_memory_allocated(device) - base
+
+
+#: One timer per device type: ``timer(fn, device, repeats, warmup) -> (median seconds, peak bytes or None)``.
+TIMERS: dict[str, Callable] = {"cpu": time_cpu, "cuda": time_cuda}
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> tuple[float, int | None]:
+    """The timer of ``device``'s type (:data:`TIMERS`)."""
+    if device.type not in TIMERS:
+        raise ValueError(f"no timer for device type {device.type!r}; choose among {', '.join(TIMERS)}")
+    return TIMERS[device.type](fn, device, repeats, warmup)
+
+
+# ------------------------------------------------------------------------------------------------ the registry
+
+
+@dataclass
+class Shape:
+    """One benchmark point: ``batch`` sequences, ``heads`` heads, prompt ``length`` T, query/key ``feature`` dim F
+    and ``head_dim`` (sdpa head dim and value dim Dv), on ``device`` in ``dtype``; ``impl`` for the ops backend."""
+
+    batch: int
+    heads: int
+    length: int
+    feature: int
+    head_dim: int
+    device: torch.device
+    dtype: torch.dtype
+    impl: str = "auto"
+
+
+@dataclass
+class Case:
+    """A prepared call: ``run()`` is what is timed; ``flops`` its model FLOPs, ``tokens`` the prompt tokens it
+    stands for (``B * T``), ``nbytes`` the minimum traffic (every input read once, the output written once)."""
+
+    run: Callable[[], object]
+    flops: float
+    tokens: int
+    nbytes: int
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
+    def call() -> object:
+        with torch.no_grad():
+            return fn()
+
+    return call
+
+
+class _Inputs:
+    """Random inputs from a fixed seed (CPU generator for the ops backend, the device's for the kernels)."""
+
+    def __init__(self, shape: Shape, on_device: bool) -> None:
+        self.shape = shape
+        device = shape.device if on_device else torch.device("cpu")
+        self.on_device = on_device
+        self.gen = torch.Generator(device=device).manual_seed(0)
+
+    def __call__(self, *dims: int, scale: float = 1.0) -> torch.Tensor:
+        s = self.shape
+        if self.on_device:
+            x = torch.randn(*dims, device=s.device, dtype=torch.float32, generator=self.gen) * scale
+            return x.to(s.dtype)
+        return torch.randn(*dims, generator=self.gen).to(device=s.device, dtype=s.dtype)
+
+
+def _sdpa_ops(s: Shape) -> Case:
+    randn = _Inputs(s, on_device=False)
+    q, k, v = (randn(s.batch, s.heads, s.length, s.head_dim) for _ in range(3))
+    run = _no_grad(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    return Case(run, sdpa_flops(s.batch, s.heads, s.length, s.head_dim), s.batch * s.length, _nbytes(q, k, v, v))
+
+
+def _linear_ops(s: Shape, length: int) -> Case:
+    randn = _Inputs(s, on_device=False)
+    q, k = randn(s.batch, length, s.heads, s.feature), randn(s.batch, length, s.heads, s.feature)
+    v = randn(s.batch, length, s.heads, s.head_dim)
+    run = _no_grad(lambda: linear_attention(q, k, v, impl=s.impl))
+    flops = linear_attention_flops(s.batch, s.heads, length, s.feature, s.head_dim)
+    return Case(run, flops, s.batch * s.length, _nbytes(q, k, v, v))
+
+
+def _prefix_ops(s: Shape) -> Case:
+    randn = _Inputs(s, on_device=False)
+    t = s.length
+    q, k, ke = (randn(s.batch, t, s.heads, s.feature) for _ in range(3))
+    v, ve = randn(s.batch, t, s.heads, s.head_dim), randn(s.batch, t, s.heads, s.head_dim)
+    lengths = torch.full((s.batch,), t // 2, dtype=torch.long, device=s.device)
+    run = _no_grad(lambda: prefix_linear_attention(q, k, v, ke, ve, lengths, impl=s.impl))
+    flops = prefix_flops(s.batch, s.heads, t, t // 2, s.feature, s.head_dim)
+    return Case(run, flops, s.batch * t, _nbytes(q, k, v, ke, ve, v))
+
+
+def _sdpa_flash(s: Shape) -> Case:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    randn = _Inputs(s, on_device=True)
+    q, k, v = (randn(s.batch, s.heads, s.length, s.head_dim) for _ in range(3))
+
+    def run():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return Case(run, sdpa_flops(s.batch, s.heads, s.length, s.head_dim), s.batch * s.length, _nbytes(q, k, v, v))
+
+
+def _linear_kernel(s: Shape, length: int) -> Case:
+    import jrt.ops.triton as kernels
+
+    randn = _Inputs(s, on_device=True)
+    q, k = randn(s.batch, length, s.heads, s.feature, scale=0.5), randn(s.batch, length, s.heads, s.feature, scale=0.5)
+    v = randn(s.batch, length, s.heads, s.head_dim)
+    flops = kernel_flops(s.batch, s.heads, length, s.feature, s.head_dim)
+    return Case(lambda: kernels.linear_attention(q, k, v), flops, s.batch * s.length, _nbytes(q, k, v, v))
+
+
+def _prefix_kernel(s: Shape) -> Case:
+    import jrt.ops.triton as kernels
+
+    randn = _Inputs(s, on_device=True)
+    t = s.length
+    q, k = randn(s.batch, t, s.heads, s.feature, scale=0.5), randn(s.batch, t, s.heads, s.feature, scale=0.5)
+    v = randn(s.batch, t, s.heads, s.head_dim)
+    ke, ve = randn(s.batch, t, s.heads, s.feature, scale=0.5), randn(s.batch, t, s.heads, s.head_dim)
+    prefix = torch.full((s.batch,), t // 2, device=s.device, dtype=torch.long)
+    flops = kernel_flops(s.batch, s.heads, t, s.feature, s.head_dim, prefix=t // 2)
+    run = lambda: kernels.prefix_linear_attention(q, k, v, ke, ve, prefix)  # noqa: E731
+    return Case(run, flops, s.batch * t, _nbytes(q, k, v, ke, ve, v))
+
+
+def fla_based_ops() -> dict[str, Callable]:
+    """flash-linear-attention's Based kernels by method name, when ``fla`` imports (``[B, T, H, F]`` layout)."""
+    try:
+        from fla.ops.based import fused_chunk_based, parallel_based
+    except Exception:  # not installed, or an incompatible version
+        return {}
+    return {"fla_fused_chunk_based": fused_chunk_based, "fla_parallel_based": parallel_based}
+
+
+def _fla_kernel(name: str) -> Callable[[Shape], Case]:
+    def build(s: Shape) -> Case:
+        op = fla_based_ops().get(name)
+        if op is None:
+            raise ValueError(f"{name} needs flash-linear-attention (pip install fla-core)")
+        randn = _Inputs(s, on_device=True)
+        q = randn(s.batch, s.length, s.heads, s.feature, scale=0.5)
+        k = randn(s.batch, s.length, s.heads, s.feature, scale=0.5)
+        v = randn(s.batch, s.length, s.heads, s.head_dim)
+
+        def run():
+            # fla >= 0.2 takes [B, T, H, *]; some releases had a head_first flag that must then be False
+            try:
+                return op(q, k, v, head_first=False)
+            except TypeError:
+                return op(q, k, v)
+
+        flops = kernel_flops(s.batch, s.heads, s.length, s.feature, s.head_dim)
+        return Case(run, flops, s.batch * s.length, _nbytes(q, k, v, v))
+
+    return build
+
+
+#: The one method registry: method name -> backend (``"ops"`` or ``"kernels"``) -> builder ``Shape -> Case``.
+#: Table order is this order (``sdpa`` first, so that later rows at the same T get their speed-up).
+METHODS: dict[str, dict[str, Callable[[Shape], Case]]] = {
+    "sdpa": {"ops": _sdpa_ops, "kernels": _sdpa_flash},
+    "jrt_prompt": {"ops": lambda s: _linear_ops(s, 2 * s.length), "kernels": lambda s: _linear_kernel(s, 2 * s.length)},
+    "jrt_rnn": {"ops": _prefix_ops, "kernels": _prefix_kernel},
+    "based": {"kernels": lambda s: _linear_kernel(s, s.length)},
+    "fla_fused_chunk_based": {"kernels": _fla_kernel("fla_fused_chunk_based")},
+    "fla_parallel_based": {"kernels": _fla_kernel("fla_parallel_based")},
+}
+
+
+def methods_of(backend: str) -> tuple[str, ...]:
+    """The methods that ``backend`` can run, in table order."""
+    return tuple(name for name, builders in METHODS.items() if backend in builders)
+
+
+def build(method: str, backend: str, shape: Shape) -> Case:
+    """The :class:`Case` of ``method`` on ``backend`` at ``shape``.
+
+    Raises:
+        ValueError: unknown method, or one the backend cannot run.
+    """
+    builders = METHODS.get(method)
+    if builders is None or backend not in builders:
+        raise ValueError(f"unknown {backend} prefill method {method!r}; choose among {', '.join(methods_of(backend))}")
+    return builders[backend](shape)

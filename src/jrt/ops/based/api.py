@@ -1,0 +1,188 @@
+"""The public operators of the family: :func:`linear_attention` and :func:`prefix_linear_attention`.
+
+Both validate their inputs, drop padding, and run one of the forms of :data:`FORMS` (the one dispatch table of
+the family). The prefix operator is computed as one encoder state per sequence, added to the initial state of
+the causal pass, so its cost is linear in T. Padded positions (``attention_mask == 0``) are removed from every
+sum *after* the feature map (``phi(0) != 0``): their keys and ``[v, 1]`` rows are replaced by zeros (a select,
+so that a NaN or inf at a padded position cannot leak into the other positions).
+
+All PyTorch forms accumulate in float32 (float64 for float64 inputs) and exchange the state
+``(S [B, H, D, Dv], z [B, H, D])`` in that dtype with the full map's ``D = 1+F+F^2``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from jrt.ops.based import naive, recurrent
+from jrt.ops.based.layout import Encoder, chunked, pytorch_form
+from jrt.ops.common import (
+    State,
+    check_eps,
+    check_float,
+    check_impl,
+    check_mask,
+    check_prefix_lengths,
+    check_qkv,
+    check_state,
+)
+from jrt.ops.feature_map import feature_dim
+
+#: Environment variable that overrides ``impl="auto"`` (e.g. ``JRT_OPS_IMPL=chunk``).
+IMPL_ENV = "JRT_OPS_IMPL"
+
+
+def triton_available() -> bool:
+    """True when the Triton kernels (``jrt.ops.triton``) import."""
+    try:
+        import jrt.ops.triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the installation
+        return False
+    return True
+
+
+def resolve_impl(impl: str, device: torch.device, length: int, feature: int | None = None) -> str:
+    """The implementation that ``impl`` stands for on ``device`` for ``length`` tokens of feature dim ``feature``.
+
+    ``auto`` honours ``JRT_OPS_IMPL`` when set; otherwise it takes Triton on CUDA when it imports and supports
+    the feature dim, the token loop for single tokens (decoding), and the chunked form everywhere else.
+    """
+    check_impl(impl)
+    if impl != "auto":
+        return impl
+    forced = os.environ.get(IMPL_ENV, "").strip()
+    if forced and forced != "auto":
+        return check_impl(forced)
+    if device.type == "cuda" and triton_available():
+        import jrt.ops.triton as kernels
+
+        if feature is None or feature <= kernels.MAX_FEATURE_DIM:
+            return "triton"
+    return "recurrent" if length == 1 else "chunk"
+
+
+def _triton(q, k, v, keep, state0: State | None, encoder: Encoder | None, eps: float, output_final_state: bool):
+    """The Triton kernels (imported on first use: Triton is optional)."""
+    if not triton_available():
+        raise ValueError(
+            "impl='triton' needs the Triton kernels (pip install 'just-read-twice[triton]' and a CUDA device, "
+            "or TRITON_INTERPRET=1 for CPU tensors)"
+        )
+    import jrt.ops.triton as kernels
+
+    if encoder is None:
+        return kernels.linear_attention(q, k, v, initial_state=state0, output_final_state=output_final_state,
+                                        eps=eps, attention_mask=keep)
+    k_enc, v_enc, lengths = encoder
+    return kernels.prefix_linear_attention(q, k, v, k_enc, v_enc, lengths, attention_mask=keep,
+                                           initial_state=state0, output_final_state=output_final_state, eps=eps)
+
+
+#: The one dispatch table of both operators: ``impl`` -> form on the public layout.
+FORMS: dict[str, Callable] = {
+    "reference": pytorch_form(naive.forward),
+    "chunk": pytorch_form(chunked),
+    "recurrent": pytorch_form(recurrent.forward),
+    "triton": _triton,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# public operators
+# --------------------------------------------------------------------------------------------------
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    eps: float = 1e-6,
+    attention_mask: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, State | None]:
+    """Causal, normalised Based linear attention with the Taylor feature map applied inside.
+
+    ``o_i = phi(q_i) . S_i / (phi(q_i) . z_i + eps)`` with ``S_i = S_0 + sum_{j<=i} phi(k_j) v_j^T`` and
+    ``z_i = z_0 + sum_{j<=i} phi(k_j)``.
+
+    Args:
+        q, k: ``[B, T, H, F]`` raw query/key projections.
+        v: ``[B, T, H, Dv]`` values.
+        initial_state: ``(S [B, H, D, Dv], z [B, H, D])`` carried over from the previous part of the
+            sequences (``D = 1+F+F^2``); running two halves with state handoff equals running the whole.
+        output_final_state: also return the state after the last position.
+        eps: added to the denominator (>= 0).
+        attention_mask: ``[B, T]``, 1 for tokens and 0 for padding (left or right); padded positions add
+            nothing to any sum, whatever they hold (their own outputs are meaningless).
+        impl: ``"reference"`` (quadratic), ``"chunk"`` (linear in T), ``"recurrent"`` (token loop),
+            ``"triton"`` (GPU kernels) or ``"auto"``.
+
+    Returns:
+        ``(o, state)``: ``o [B, T, H, Dv]`` in ``v``'s dtype; ``state = (S, z)`` in float32 (float64 for
+        float64 inputs under the PyTorch forms), or None when ``output_final_state`` is False.
+    """
+    check_qkv(q, k, v)
+    eps = check_eps(eps)
+    b, t, h, f = q.shape
+    impl = resolve_impl(impl, q.device, t, f)
+    mask = check_mask(attention_mask, b, t, q.device)
+    state0 = check_state(initial_state, b, h, feature_dim(f), v.shape[-1], q.device)
+    return FORMS[impl](q, k, v, mask, state0, None, eps, output_final_state)
+
+
+def prefix_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_enc: torch.Tensor,
+    v_enc: torch.Tensor,
+    prefix_lengths: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    eps: float = 1e-6,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, State | None]:
+    """JRT-RNN's prefix linear attention: the causal pass plus a non-causal read of each prefix.
+
+    ``o_i = phi(q_i) . (S_i + S_enc) / (phi(q_i) . (z_i + z_enc) + eps)`` with
+    ``S_enc = sum_{j<M_b} phi(ke_j) ve_j^T`` and ``z_enc = sum_{j<M_b} phi(ke_j)`` over the first ``M_b`` real
+    tokens of sequence ``b``.
+
+    Args:
+        q, k: ``[B, T, H, F]`` decoder query/key projections; ``v``: ``[B, T, H, Dv]``.
+        k_enc, v_enc: ``[B, T, H, F]`` and ``[B, T, H, Dv]``, the encoder projections at the same positions.
+        prefix_lengths: int ``[B]``, the prefix length ``M_b`` of each sequence counted in real tokens
+            (0 allowed: the op then equals :func:`linear_attention`).
+        attention_mask: ``[B, T]``, 1 = token, 0 = padding (left or right); pads add nothing to any sum.
+        initial_state: ``(S, z)`` from an earlier part of the sequences; the encoder sum of this call is
+            added to it.
+        output_final_state: return the decoding state ``(S_T + S_enc, z_T + z_enc)``.
+        eps: added to the shared denominator (>= 0).
+        impl: as in :func:`linear_attention`.
+
+    Returns:
+        ``(o [B, T, H, Dv] in v's dtype, state or None)``.
+    """
+    check_qkv(q, k, v)
+    check_float("k_enc", k_enc, 4)
+    check_float("v_enc", v_enc, 4)
+    if k_enc.shape != k.shape or v_enc.shape != v.shape:
+        raise ValueError(
+            f"k_enc/v_enc must have the shapes of k/v, got k_enc {tuple(k_enc.shape)} vs k {tuple(k.shape)}, "
+            f"v_enc {tuple(v_enc.shape)} vs v {tuple(v.shape)}"
+        )
+    eps = check_eps(eps)
+    b, t, h, f = q.shape
+    impl = resolve_impl(impl, q.device, t, f)
+    mask = check_mask(attention_mask, b, t, q.device)
+    lengths = check_prefix_lengths(prefix_lengths, b, t, mask, q.device)
+    state0 = check_state(initial_state, b, h, feature_dim(f), v.shape[-1], q.device)
+    return FORMS[impl](q, k, v, mask, state0, (k_enc, v_enc, lengths), eps, output_final_state)
