@@ -37,7 +37,7 @@ BACKWARD_ENV = "JRT_TRITON_BACKWARD"
 BACKWARD_MODES = ("kernel", "recompute")
 #: (BT, BV, num_warps) on CUDA, by padded feature dimension BK; the interpreter takes (16, 32).
 _CUDA_CONFIG = {16: (16, 32, 8), 32: (16, 16, 8)}
-_INTERPRET_CONFIG = (16, 32, 1)
+_INTERPRET_CONFIG = (16, 32)
 
 
 def uses_kernels(feature: int) -> bool:
@@ -51,7 +51,7 @@ def uses_kernels(feature: int) -> bool:
 
 def _config(f: int, device: torch.device) -> tuple[int, int, dict]:
     if device.type != "cuda":
-        bt, bv, _ = _INTERPRET_CONFIG
+        bt, bv = _INTERPRET_CONFIG
         return bt, bv, {}
     bt, bv, warps = _CUDA_CONFIG[_block_k(f)]
     return bt, bv, {"num_warps": warps}
