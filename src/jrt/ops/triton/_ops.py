@@ -368,7 +368,7 @@ def linear_attention(
 
     Returns:
         ``(o [B, T, H, Dv] in v's dtype, (S, z) float32 or None)``. float64 inputs are computed in float32.
-        With ``requires_grad`` inputs, the backward pass recomputes through the chunked PyTorch form.
+        With ``requires_grad`` inputs, the backward runs the Triton backward kernels (``_backward.py``).
     """
     _check_device(q, k, v)
     init = None if initial_state is None else (initial_state[0].float(), initial_state[1].float())
