@@ -240,7 +240,7 @@ def test_bfloat16_and_float64_inputs():
 
 @cpu_kernels
 @pytest.mark.parametrize("prefix", [False, True])
-def test_backward_recomputes_through_chunk_form(prefix):
+def test_backward_matches_reference(prefix):
     b, t, h, f, dv = 2, 40, 2, 8, 16
     tensors = [*make_qkv(b, t, h, f, dv, seed=8), *make_qkv(b, t, h, f, dv, seed=9)[1:]]
     state = make_state(b, h, f, dv)
@@ -510,7 +510,7 @@ def test_gpu_step(dtype):
 
 @gpu
 @needs_cuda
-def test_gpu_backward_fallback():
+def test_gpu_backward_matches_chunk():
     dev = torch.device("cuda")
     b, t, h, f, dv = 2, 300, 4, 16, 64
     tensors = [*make_qkv(b, t, h, f, dv, device=dev, seed=11), *make_qkv(b, t, h, f, dv, device=dev, seed=12)[1:]]

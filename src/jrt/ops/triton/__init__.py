@@ -6,9 +6,10 @@ probes it to decide whether ``impl="auto"`` may take these kernels on CUDA tenso
 * :func:`linear_attention` / :func:`prefix_linear_attention` - the forward passes behind ``impl="triton"``
   (chunked causal pass with the Taylor map fused, float32 accumulation, initial/final state, denominator,
   padding masks, per-sequence prefix lengths; the sequence is split into segments processed in parallel on
-  a GPU). **Backward**: a documented fallback - when an input requires grad, the forward runs the Triton
-  kernels inside an ``autograd.Function`` whose backward recomputes the op through the chunked PyTorch form
-  (``impl="chunk"``, :mod:`jrt.ops.based.layout`) and differentiates that.
+  a GPU). **Backward**: when an input requires grad, the forward runs inside an ``autograd.Function`` whose
+  backward runs the Triton backward kernels (``_backward.py``: a forward sweep for ``dq``, a reverse sweep for
+  ``dk, dv`` and the initial/encoder state); ``JRT_TRITON_BACKWARD=recompute`` instead recomputes the op
+  through the chunked PyTorch form (``impl="chunk"``, :mod:`jrt.ops.based.layout`) and differentiates that.
 
 Decoding steps (``T = 1`` per call) run through the same causal kernel, with the state handed in and out.
 

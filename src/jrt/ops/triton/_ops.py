@@ -249,12 +249,12 @@ _CHUNK_FORM = pytorch_form(chunked)
 
 
 class _RecomputeBackward(torch.autograd.Function):
-    """Triton forward; backward by recomputing through the chunked PyTorch form (``impl="chunk"``)."""
+    """Triton forward; backward with the Triton backward kernels (``_backward.py``) when they apply (F <= 32,
+    ``$JRT_TRITON_BACKWARD`` not ``recompute``), else by recomputing through the chunked PyTorch form."""
 
     @staticmethod
     def forward(ctx, spec: dict, q, k, v, k_enc, v_enc, s0, z0):  # type: ignore[override]
         ctx.spec = spec
-        ctx.save_for_backward(q, k, v, k_enc, v_enc, s0, z0)
         init = None if s0 is None else (s0, z0)
         if spec["prefix"]:
             o, state = _prefix_forward(q, k, v, k_enc, v_enc, spec["prefix_lengths"], spec["mask"], init,
@@ -262,15 +262,20 @@ class _RecomputeBackward(torch.autograd.Function):
         else:
             o, state = _linear_forward(q, k, v, spec["mask"], init, spec["output_final_state"], spec["eps"],
                                        spec["num_segments"])
+        ctx.save_for_backward(q, k, v, k_enc, v_enc, s0, z0, o)
         if state is None:
             return o
         return o, state[0], state[1]
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
+        from jrt.ops.triton import _backward
+
         spec = ctx.spec
-        saved = ctx.saved_tensors
         needs = ctx.needs_input_grad[1:]
+        if _backward.uses_kernels(ctx.saved_tensors[0].shape[-1]):  # the Triton backward kernels
+            return (None, *_backward.backward(spec, ctx.saved_tensors, grads, needs))
+        saved = ctx.saved_tensors[:7]  # fallback: recompute through impl="chunk" and differentiate that
         with torch.enable_grad():
             inputs = [
                 None if x is None else (x.detach().requires_grad_(True) if need else x.detach())
@@ -345,7 +350,7 @@ def linear_attention(
 
     Returns:
         ``(o [B, T, H, Dv] in v's dtype, (S, z) float32 or None)``. float64 inputs are computed in float32.
-        With ``requires_grad`` inputs, the backward pass recomputes through the chunked PyTorch form.
+        With ``requires_grad`` inputs, the backward runs the Triton backward kernels (``_backward.py``).
     """
     _check_device(q, k, v)
     if attention_mask is not None:
