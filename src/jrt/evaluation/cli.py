@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_length=max_length,
         truncation_tokenizer=args.truncation_tokenizer,
-        extra={"gguf_file": gguf, "dtype": args.dtype, "device": args.device},
+        identity={"gguf_file": gguf, "tokenizer": args.tokenizer},
+        extra={"dtype_option": args.dtype, "device": args.device},
     )
     summary = evaluate(model, tokenizer, data, config, args.output, trunc_tok,
                        add_special_tokens=args.add_bos, progress=not args.no_progress)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from jrt.tensor_files import read_tensor_file
+
 STEP_RE = re.compile(r"^step_(\d{8})$")
 KILL_ENV = "JRT_TRAIN_KILL_AT_STEP"
 STATE_FILE = "trainer_state.json"
@@ -199,18 +201,13 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
 
 def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of ``model.safetensors`` (or its shards) in ``path``; ``ValueError`` when corrupt."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise ValueError(f"checkpoint {path} has no model*.safetensors")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        try:
-            sd.update(load_file(str(f)))
-        except Exception as err:  # safetensors raises its own error types for bad headers / truncation
-            raise ValueError(f"checkpoint {path} is corrupt: cannot read {f.name} ({err})") from err
+        sd.update(read_tensor_file(f, path))
     return sd
 
 
@@ -237,9 +234,5 @@ def apply_model_weights(model: nn.Module, sd: dict[str, torch.Tensor], where: st
 
 
 def load_torch_file(path: Path, where: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise ValueError(f"checkpoint {where} is incomplete: no {path.name}") from err
-    except Exception as err:  # pickle / zip errors of a truncated or foreign file
-        raise ValueError(f"checkpoint {where} is corrupt: cannot read {path.name} ({err})") from err
+    """A ``torch.save`` file of a checkpoint (``ValueError`` when missing or corrupt, see :mod:`jrt.tensor_files`)."""
+    return read_tensor_file(path, where)
