@@ -12,9 +12,9 @@ import torch
 
 from jrt.training import checkpoint as ckpt
 from jrt.training.config import build_config
-from jrt.training.data import write_token_dataset
 from jrt.training.distributed import DistInfo
 from jrt.training.metrics import read_metrics
+from jrt.training.prepare import write_token_dataset
 from jrt.training.trainer import Trainer, train
 
 VOCAB, EOS, MODEL_VOCAB, MASK = 250, 249, 256, 255
@@ -124,8 +124,8 @@ def test_resume_in_process_is_exact(tiny_data, tmp_path):
         assert torch.equal(p, q), name
 
 
-def test_bad_checkpoints_give_clear_errors(tiny_data, tmp_path):
-    cfg = tiny_config(max_steps=2, save_interval=1, eval_interval=100)
+def test_bad_checkpoints_give_clear_errors(tiny_data, tmp_path, capsys):
+    cfg = tiny_config(max_steps=2, save_interval=1, eval_interval=100, keep_last=1)
     out = tmp_path / "run"
     train(cfg, tiny_data, out, progress=False, tensorboard=False)
     with pytest.raises(ValueError, match="already has checkpoints"):
@@ -134,7 +134,7 @@ def test_bad_checkpoints_give_clear_errors(tiny_data, tmp_path):
         _trainer(tiny_config(max_steps=2, seq_len=48), tiny_data, out, resume=True)
     latest = ckpt.latest_checkpoint(out / "checkpoints")
     (latest / "optimizer.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="corrupt.*optimizer.pt"):
+    with pytest.raises(ValueError, match="no intact checkpoint.*corrupt.*optimizer.pt"):
         _trainer(cfg, tiny_data, out, resume=True)
     weights = latest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
@@ -144,6 +144,24 @@ def test_bad_checkpoints_give_clear_errors(tiny_data, tmp_path):
     (latest / "trainer_state.json").write_text(json.dumps(state)[:-20])
     with pytest.raises(ValueError, match="corrupt.*trainer_state"):
         _trainer(cfg, tiny_data, out, resume=True)
+    for field, value in (("step", -1), ("scheduler", [1]), ("num_sequences", "many")):
+        (latest / "trainer_state.json").write_text(json.dumps({**state, field: value}))
+        with pytest.raises(ValueError, match=f"trainer_state.json field {field} must be"):
+            _trainer(cfg, tiny_data, out, resume=True)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_an_intact_one(tiny_data, tmp_path, capsys):
+    cfg = tiny_config(max_steps=3, save_interval=1, eval_interval=100, keep_last=3)
+    out = tmp_path / "run"
+    train(cfg, tiny_data, out, progress=False, tensorboard=False)
+    weights = out / "checkpoints" / "step_00000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a kill or a full disk truncated the newest weights
+    trainer = _trainer(cfg, tiny_data, out, resume=True)
+    assert trainer.start_step == 2
+    assert "falling back to an older checkpoint" in capsys.readouterr().out
+    (out / ".tmp-model-99999").mkdir()  # left by a kill during the final export
+    train(cfg, tiny_data, out, resume=True, progress=False, tensorboard=False)
+    assert not list(out.glob(".tmp-*")) and (out / "model" / "config.json").is_file()
 
 
 def test_tokenizer_model_vocab_mismatch(tmp_path):

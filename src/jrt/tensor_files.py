@@ -13,6 +13,10 @@ from typing import Any
 import torch
 
 
+class CorruptFileError(ValueError):
+    """A file of a checkpoint is missing, truncated or unreadable (the caller may fall back to an older one)."""
+
+
 def _reason(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:200] if text else type(err).__name__
@@ -27,12 +31,13 @@ def read_tensor_file(path: str | Path, where: str | Path | None = None) -> Any:
         where: the checkpoint it belongs to, for messages (default: its folder).
 
     Raises:
-        ValueError: the file is missing, truncated or not a tensor file (one line, naming checkpoint and file).
+        CorruptFileError: (a ``ValueError``) the file is missing, truncated or not a tensor file (one line, naming
+            checkpoint and file).
     """
     path = Path(path)
     where = path.parent if where is None else where
     if not path.is_file():
-        raise ValueError(f"checkpoint {where} is incomplete: no {path.name}")
+        raise CorruptFileError(f"checkpoint {where} is incomplete: no {path.name}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -40,7 +45,7 @@ def read_tensor_file(path: str | Path, where: str | Path | None = None) -> Any:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors / pickle / zip errors of a truncated or foreign file
-        raise ValueError(f"checkpoint {where} is corrupt: cannot read {path.name} ({_reason(err)})") from None
+        raise CorruptFileError(f"checkpoint {where} is corrupt: cannot read {path.name} ({_reason(err)})") from None
 
 
 def read_json_file(path: str | Path, what: str = "file") -> Any:

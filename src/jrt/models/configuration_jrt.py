@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 from transformers import PretrainedConfig
+
+from jrt.errors import check_known_keys, did_you_mean
 
 #: Mixer names accepted in ``JRTConfig.mixers``.
 MIXER_NAMES = ("base_conv", "pla", "based", "swa", "attention")
@@ -43,6 +46,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mixers": ["base_conv", "based", "swa", "base_conv"], "swa_window": 16, "max_prefix_length": 64,
     },
 }
+
+
+def config_fields() -> set[str]:
+    """Names :class:`JRTConfig` accepts: its own arguments and the generic ``PretrainedConfig`` attributes."""
+    own = {p for p in inspect.signature(JRTConfig.__init__).parameters if p not in ("self", "kwargs")}
+    return own | set(PretrainedConfig().to_dict())
 
 
 class JRTConfig(PretrainedConfig):
@@ -148,6 +157,9 @@ class JRTConfig(PretrainedConfig):
             raise ValueError(f"swa_window must be an int >= 0, got {self.swa_window!r}")
         if not isinstance(self.max_prefix_length, int) or self.max_prefix_length < 0:
             raise ValueError(f"max_prefix_length must be an int >= 0, got {self.max_prefix_length!r}")
+        if isinstance(self.rms_norm_eps, bool) or not isinstance(self.rms_norm_eps, (int, float)) \
+                or not self.rms_norm_eps >= 0:
+            raise ValueError(f"rms_norm_eps must be a number >= 0, got {self.rms_norm_eps!r}")
         if any(m in ("swa", "attention") for m in self.mixers) and (self.hidden_size // self.num_attention_heads) % 2:
             raise ValueError("attention mixers use rotary embedding: the head dim hidden_size/heads must be even")
 
@@ -157,10 +169,13 @@ class JRTConfig(PretrainedConfig):
         ``"based-tiny"``), with any field overridden by keyword.
 
         Raises:
-            ValueError: unknown preset name.
+            ValueError: unknown preset name, or an override that is not a configuration field (the closest
+                field is suggested).
         """
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ValueError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; "
+                             f"choose one of {', '.join(PRESETS)}")
+        check_known_keys(overrides, config_fields(), "JRTConfig field")
         fields = copy.deepcopy(PRESETS[name])
         if "num_hidden_layers" in overrides and "mixers" not in overrides:
             raise ValueError("overriding num_hidden_layers of a preset needs an explicit mixers list")

@@ -15,9 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from jrt.errors import check_known_keys, did_you_mean
 
 OBJECTIVES = ("prefix_mlm", "ntp")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -125,6 +127,9 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        from jrt.training.models import check_model_overrides
+
+        check_model_overrides(self.model, self.model_overrides)
         return self
 
     def grad_accum(self, world_size: int) -> int:
@@ -189,9 +194,7 @@ def _field_types() -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     """Convert ``value`` (from YAML/JSON or a ``key=value`` string) to the type of field ``name``."""
     hints = _field_types()
-    if name not in hints:
-        known = ", ".join(f.name for f in fields(TrainConfig))
-        raise ValueError(f"unknown training option {name!r}; known options: {known}")
+    check_known_keys([name], hints, "training option")
     tp = hints[name]
     if typing.get_origin(tp) is dict:
         base, optional = dict, False
@@ -291,7 +294,8 @@ def build_config(
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in TRAIN_PRESETS:
-            raise ValueError(f"unknown training preset {preset!r}; known: {', '.join(sorted(TRAIN_PRESETS))}")
+            raise ValueError(f"unknown training preset {preset!r}{did_you_mean(preset, TRAIN_PRESETS)}; "
+                             f"known: {', '.join(sorted(TRAIN_PRESETS))}")
         values.update(TRAIN_PRESETS[preset])
     if config_file is not None:
         file_values = load_config_file(config_file)

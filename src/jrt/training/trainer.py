@@ -132,7 +132,7 @@ class Trainer:
             raise ValueError(f"{self.out} already has checkpoints ({existing.name}); pass --resume to continue "
                              "or choose another output folder")
         if resume and existing is not None:
-            self._resume(existing)
+            self._resume_latest_intact()
         elif resume:
             self._say(f"no checkpoint in {self.ckpt_root}: starting from scratch")
         if info.is_main:
@@ -180,6 +180,19 @@ class Trainer:
         d["objective"] = self.objective
         return d
 
+    def _resume_latest_intact(self) -> None:
+        """Resume from the newest checkpoint whose files are intact; a corrupt one (truncated weights, a bad
+        ``trainer_state.json``) is skipped with a log line. Incompatible settings are an error, not skipped."""
+        first_error: ckpt.CorruptFileError | None = None
+        for _, path in reversed(ckpt.list_checkpoints(self.ckpt_root)):
+            try:
+                self._resume(path)
+                return
+            except ckpt.CorruptFileError as err:
+                first_error = first_error or err
+                self._say(f"warning: {err}; falling back to an older checkpoint")
+        raise ValueError(f"no intact checkpoint in {self.ckpt_root} (newest: {first_error})")
+
     def _resume(self, path: Path) -> None:
         where = str(path)
         state = ckpt.read_trainer_state(path)
@@ -198,6 +211,8 @@ class Trainer:
         weights = ckpt.load_model_weights(path)
         opt_state = ckpt.load_torch_file(path / "optimizer.pt", where)
         rng = ckpt.load_torch_file(path / "rng.pt", where)
+        if not isinstance(rng, list) or not rng:
+            raise ckpt.CorruptFileError(f"checkpoint {where} is corrupt: bad rng.pt")
         if self.cfg.distributed == "fsdp" and self.info.enabled:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -215,8 +230,6 @@ class Trainer:
             except (ValueError, KeyError, RuntimeError) as err:
                 raise ValueError(f"checkpoint {where} has an incompatible optimizer state: {err}") from err
         self.schedule.load_state_dict(state["scheduler"])
-        if not isinstance(rng, list) or not rng:
-            raise ValueError(f"checkpoint {where} is corrupt: bad rng.pt")
         ckpt.restore_rng(rng[self.info.rank % len(rng)])
         self.start_step = step
         self._say(f"resumed from {path} at step {step}")
