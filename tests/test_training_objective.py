@@ -191,7 +191,10 @@ def test_config_file_and_overrides(tmp_path):
         build_config("jrt-tiny", overrides={"learning_rate": 1})
     with pytest.raises(ValueError, match="expects int"):
         build_config("jrt-tiny", overrides={"seq_len": "abc"})
-    with pytest.raises(ValueError, match="multiple of"):
-        build_config("jrt-tiny", overrides={"global_batch_size": 6, "micro_batch_size": 4}).grad_accum(1)
+    uneven = build_config("jrt-tiny", overrides={"global_batch_size": 6, "micro_batch_size": 4})
+    assert uneven.batch_split(1) == (3, 2) and uneven.batch_split(2) == (3, 1) and uneven.batch_split(3) == (2, 1)
+    assert build_config("jrt-tiny").batch_split(2) == (4, 1)  # every *-tiny preset under torchrun on 2 processes
+    with pytest.raises(ValueError, match="cannot be split over 4 processes"):
+        uneven.batch_split(4)
     with pytest.raises(ValueError, match="unknown training preset"):
         build_config("nope")

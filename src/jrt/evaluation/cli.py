@@ -80,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
     from jrt.evaluation.runner import EvalConfig, evaluate, format_table
 
     hf_logging.set_verbosity_error()
-    if args.threads:
+    if args.no_progress:  # also transformers' "Loading weights" bar and the Hub's download bars
+        hf_logging.disable_progress_bar()
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     source, gguf = resolve_model_source(args.model, args.gguf_file)
     tokenizer = load_tokenizer(source, gguf, args.tokenizer, args.trust_remote_code)

@@ -100,7 +100,11 @@ class Trainer:
         except ValueError as err:
             self._say(f"warning: no validation loss: {err}")
             self.val_ds = None
-        self.accum = cfg.grad_accum(info.world_size)
+        self.micro, self.accum = cfg.batch_split(info.world_size)
+        if self.micro != cfg.micro_batch_size:
+            self._say(f"micro-batch {self.micro} sequences per process (micro_batch_size {cfg.micro_batch_size}, "
+                      f"per-process batch {cfg.global_batch_size // info.world_size}), {self.accum} accumulation "
+                      "step(s)")
         self.sampler = BatchSampler(len(self.train_ds), cfg.global_batch_size, cfg.seed, info.rank,
                                     info.world_size)
 
@@ -261,7 +265,7 @@ class Trainer:
                                              device=info.device), info).cpu()
         ntp_norm, mlm_norm = float(counts[0]), float(counts[1])
         sums = torch.zeros(2, dtype=torch.float64)
-        mb = c.micro_batch_size
+        mb = self.micro
         for a in range(self.accum):
             sl = slice(a * mb, (a + 1) * mb)
             micro = ObjectiveBatch(batch.input_ids[sl], batch.targets[sl], batch.is_mlm[sl],
@@ -308,8 +312,8 @@ class Trainer:
         self.raw.eval()
         sums = torch.zeros(6, dtype=torch.float64)  # ntp sum/count, mlm sum/count, decoder sum/count
         dec_prefix = c.prefix_len if c.prefix_len < c.seq_len else 0
-        for start in range(0, len(mine), c.micro_batch_size):
-            idx = mine[start: start + c.micro_batch_size]
+        for start in range(0, len(mine), self.micro):
+            idx = mine[start: start + self.micro]
             windows = self.val_ds.batch(idx)
             keys = [(-1, i) for i in idx]
             batch = self._batch(windows, keys).to(info.device)
