@@ -135,6 +135,7 @@ CASES = [
     ("train-negative-window", TRAIN + ["model_overrides={swa_window: -3}"], 2, r"swa_window must be an int >= 0"),
     ("train-negative-rms-eps", TRAIN + ["model_overrides={rms_norm_eps: -1e-5}"], 2,
      r"rms_norm_eps must be a number >= 0"),
+    ("train-num-threads", TRAIN + ["num_threads=-1"], 2, r"num_threads must be >= 1, got -1"),
     ("train-model-typo", TRAIN + ["model=jrt-tinyy"], 2, r"unknown model preset 'jrt-tinyy' \(did you mean"),
     ("train-bad-index", ["train", "--data", "{bad_index}", "--output", "{tmp}/run", "--preset", "jrt-tiny"], 2,
      r".*index\.json is corrupt: dtype must be uint16 or uint32, got 'float64'"),

@@ -109,9 +109,9 @@ def _check_run(output: Path, identity: dict[str, Any], extra: dict[str, Any]) ->
             old = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path} is corrupt ({err}); use another --output") from None
-        if not isinstance(old, dict):
-            raise ValueError(f"{path} is corrupt (not a JSON object); use another --output")
-        old_id = old.get("identity", {})
+        old_id = old.get("identity", {}) if isinstance(old, dict) else None
+        if not isinstance(old_id, dict) or not isinstance(old_id.get("data", {}), dict):
+            raise ValueError(f"{path} is corrupt (not a JSON object with an identity object); use another --output")
         for key, value in identity.items():
             if key == "data":
                 old_data = old_id.get("data", {})

@@ -127,6 +127,8 @@ class TrainConfig:
             raise ValueError("lr must be > 0, min_lr and warmup_init_lr >= 0")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         from jrt.training.models import check_model_overrides
