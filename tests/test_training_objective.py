@@ -180,10 +180,10 @@ def test_published_presets():
 
 def test_config_file_and_overrides(tmp_path):
     yml = tmp_path / "run.yaml"
-    yml.write_text("seq_len: 128\nprefix_len: 64\nmodel_overrides:\n  num_hidden_layers: 2\n")
+    yml.write_text("seq_len: 128\nprefix_len: 64\nmodel_overrides:\n  swa_window: 8\n")
     cfg = build_config("jrt-tiny", yml, parse_overrides(["lr=1e-3", "max_minutes=2.5", "deterministic=true"]))
     assert (cfg.seq_len, cfg.prefix_len, cfg.lr, cfg.max_minutes, cfg.deterministic) == (128, 64, 1e-3, 2.5, True)
-    assert cfg.model_overrides == {"num_hidden_layers": 2}
+    assert cfg.model_overrides == {"swa_window": 8}
     js = tmp_path / "run.json"
     js.write_text(json.dumps(cfg.to_dict()))
     assert build_config(None, js) == cfg == config_from_dict(cfg.to_dict())

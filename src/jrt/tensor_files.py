@@ -19,7 +19,7 @@ class CorruptFileError(ValueError):
 
 def _reason(err: BaseException) -> str:
     text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
+    return text.splitlines()[0].split(". ")[0][:160] if text else type(err).__name__
 
 
 def read_tensor_file(path: str | Path, where: str | Path | None = None) -> Any:

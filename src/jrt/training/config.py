@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,7 +226,7 @@ def _coerce(name: str, value: Any) -> Any:
             value = _parse_scalar(value, name)
         if not isinstance(value, dict):
             raise ValueError(f"option {name!r} expects a mapping, got {value!r}")
-        return dict(value)
+        return {k: _number_or_text(v) for k, v in value.items()}
     if isinstance(value, str) and base is not str:
         value = _parse_scalar(value, name)
     try:
@@ -248,6 +249,16 @@ def _coerce(name: str, value: Any) -> Any:
     else:
         return value
     raise ValueError(f"option {name!r} expects {getattr(base, '__name__', base)}, got {value!r}")
+
+
+def _number_or_text(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string: a string that is a plain number becomes that number."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _parse_scalar(text: str, name: str) -> Any:

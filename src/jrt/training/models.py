@@ -71,13 +71,14 @@ def check_model_overrides(name: str, overrides: dict[str, Any]) -> None:
     if name in BASELINE_PRESETS:
         _check_baseline_overrides(BASELINE_PRESETS[name][0], overrides)
         return
-    from jrt.models import PRESETS
+    from jrt.models import PRESETS, JRTConfig
     from jrt.models.configuration_jrt import config_fields
 
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}{did_you_mean(name, model_names())}; "
                          f"known: {', '.join(model_names())}")
     check_known_keys(overrides, config_fields(), "model_overrides key")
+    JRTConfig.from_preset(name, **overrides)  # values checked too (no model is built: cheap)
 
 
 def model_names() -> list[str]:
