@@ -109,7 +109,10 @@ def _check_run(output: Path, identity: dict[str, Any], extra: dict[str, Any]) ->
             old = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path} is corrupt ({err}); use another --output") from None
-        old_id = old.get("identity", {}) if isinstance(old, dict) else None
+        if isinstance(old, dict) and "identity" not in old:
+            raise ValueError(f"{path} was written by an older jrt and does not record every generation setting; "
+                             "use another --output (or delete that run.json to keep adding to these results)")
+        old_id = old.get("identity") if isinstance(old, dict) else None
         if not isinstance(old_id, dict) or not isinstance(old_id.get("data", {}), dict):
             raise ValueError(f"{path} is corrupt (not a JSON object with an identity object); use another --output")
         for key, value in identity.items():
