@@ -241,6 +241,47 @@ def test_resume_refuses_another_model(tok, llama, recall_dir: Path, tmp_path: Pa
         evaluate(llama, tok, data, other, tmp_path, tok, progress=False)
 
 
+def test_resume_identity_covers_every_generation_setting(tok, llama, recall_dir: Path, tmp_path: Path) -> None:
+    data = [load_task("squad", recall_dir, limit=1)]
+    evaluate(llama, tok, data, _config(modes=["default"]), tmp_path, tok, progress=False)
+    with pytest.raises(ValueError, match="max_length=4096"):
+        evaluate(llama, tok, data, EvalConfig(model="tiny", modes=["default"], max_new_tokens=NEW, max_length=512),
+                 tmp_path, tok, progress=False)
+    with pytest.raises(ValueError, match="add_bos=False"):
+        evaluate(llama, tok, data, _config(modes=["default"]), tmp_path, tok, add_special_tokens=True,
+                 progress=False)
+    with pytest.raises(ValueError, match="dtype='float32'"):
+        evaluate(llama.to(torch.bfloat16), tok, data, _config(modes=["default"]), tmp_path, tok, progress=False)
+    llama.float()
+    # other task data (another --data-dir, an edited file): refused, whatever the folder is called
+    with (recall_dir / "squad.jsonl").open("a") as fh:
+        fh.write("\n")
+    with pytest.raises(ValueError, match="squad results made from other task data"):
+        evaluate(llama, tok, [load_task("squad", recall_dir, limit=1)], _config(modes=["default"]), tmp_path, tok,
+                 progress=False)
+
+
+def test_resume_after_a_record_without_its_newline(tok, llama, recall_dir: Path, tmp_path: Path) -> None:
+    data = [load_task("squad", recall_dir, limit=2)]
+    evaluate(llama, tok, data, _config(modes=["default"], batch_size=1), tmp_path, tok, progress=False)
+    path = tmp_path / "results.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n")  # the second record never made it, and the first lost its newline
+    path.write_text(lines[0])
+    evaluate(llama, tok, data, _config(modes=["default"], batch_size=1), tmp_path, tok, progress=False)
+    assert [r["id"] for r in read_results(path)] == [json.loads(x)["id"] for x in lines]
+
+
+@pytest.mark.parametrize("bad", ["{}", "[1, 2]"])
+def test_resume_with_a_bad_record_names_file_and_line(tok, llama, recall_dir: Path, tmp_path: Path, bad) -> None:
+    data = [load_task("squad", recall_dir, limit=1)]
+    evaluate(llama, tok, data, _config(modes=["default"]), tmp_path, tok, progress=False)
+    with (tmp_path / "results.jsonl").open("a") as fh:
+        fh.write(bad + "\n")
+    with pytest.raises(ValueError, match=r"results\.jsonl line 2: (record lacks 'task'|expected a JSON object)"):
+        evaluate(llama, tok, data, _config(modes=["default"]), tmp_path, tok, progress=False)
+
+
 # ---------------------------------------------------------------- command line
 
 

@@ -234,3 +234,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokens):
     model(tokens, labels=tokens, prefix_lengths=8).loss.backward()
     for name, param in model.named_parameters():
         assert rel_err(param.grad, expected[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize(("ids", "message"), [
+    (torch.tensor([[1, 2, 100]]), r"token id 100 is outside the vocabulary \[0, 100\)"),
+    (torch.tensor([[3, -1]]), r"token id -1 is outside the vocabulary \[0, 100\)"),
+    (torch.tensor([[1.0, 2.0]]), "input_ids must hold integer token ids, got dtype torch.float32"),
+    (torch.zeros(0, 3, dtype=torch.long), "input_ids has batch size 0"),
+])
+def test_bad_token_ids_are_value_errors(ids, message):
+    model = JRTForCausalLM(JRTConfig.from_preset("jrt-tiny", vocab_size=100, bos_token_id=0, eos_token_id=0,
+                                                 pad_token_id=0, mask_token_id=99)).eval()
+    with pytest.raises(ValueError, match=message):
+        model(ids)
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, max_new_tokens=2, do_sample=False)

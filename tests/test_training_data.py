@@ -8,18 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from jrt.training.data import (
-    COMPLETE_FILE,
-    BatchSampler,
-    TokenDataset,
-    TokenStream,
-    is_complete,
-    iter_documents,
-    load_tokenizer,
-    prepare_dataset,
-    read_index,
-    write_token_dataset,
-)
+from jrt.training.data import COMPLETE_FILE, BatchSampler, TokenDataset, TokenStream, is_complete, read_index
+from jrt.training.prepare import iter_documents, load_tokenizer, prepare_dataset, write_token_dataset
 
 TEXT = "\n\n".join(
     f"Paragraph {i}: the quick brown fox {i * 7} jumps over the lazy dog. Ünïcödé ✓ line {i}.\nSecond line {i}."

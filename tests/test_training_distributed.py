@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from jrt.training import checkpoint as ckpt
 from jrt.training.config import build_config
-from jrt.training.data import write_token_dataset
 from jrt.training.metrics import read_metrics
+from jrt.training.prepare import write_token_dataset
 
 VOCAB, EOS = 250, 249
 MODEL = {"vocab_size": 256, "mask_token_id": 255, "hidden_size": 32, "intermediate_size": 64,

@@ -180,10 +180,10 @@ def test_published_presets():
 
 def test_config_file_and_overrides(tmp_path):
     yml = tmp_path / "run.yaml"
-    yml.write_text("seq_len: 128\nprefix_len: 64\nmodel_overrides:\n  num_hidden_layers: 2\n")
+    yml.write_text("seq_len: 128\nprefix_len: 64\nmodel_overrides:\n  swa_window: 8\n")
     cfg = build_config("jrt-tiny", yml, parse_overrides(["lr=1e-3", "max_minutes=2.5", "deterministic=true"]))
     assert (cfg.seq_len, cfg.prefix_len, cfg.lr, cfg.max_minutes, cfg.deterministic) == (128, 64, 1e-3, 2.5, True)
-    assert cfg.model_overrides == {"num_hidden_layers": 2}
+    assert cfg.model_overrides == {"swa_window": 8}
     js = tmp_path / "run.json"
     js.write_text(json.dumps(cfg.to_dict()))
     assert build_config(None, js) == cfg == config_from_dict(cfg.to_dict())
@@ -191,7 +191,10 @@ def test_config_file_and_overrides(tmp_path):
         build_config("jrt-tiny", overrides={"learning_rate": 1})
     with pytest.raises(ValueError, match="expects int"):
         build_config("jrt-tiny", overrides={"seq_len": "abc"})
-    with pytest.raises(ValueError, match="multiple of"):
-        build_config("jrt-tiny", overrides={"global_batch_size": 6, "micro_batch_size": 4}).grad_accum(1)
+    uneven = build_config("jrt-tiny", overrides={"global_batch_size": 6, "micro_batch_size": 4})
+    assert uneven.batch_split(1) == (3, 2) and uneven.batch_split(2) == (3, 1) and uneven.batch_split(3) == (2, 1)
+    assert build_config("jrt-tiny").batch_split(2) == (4, 1)  # every *-tiny preset under torchrun on 2 processes
+    with pytest.raises(ValueError, match="cannot be split over 4 processes"):
+        uneven.batch_split(4)
     with pytest.raises(ValueError, match="unknown training preset"):
         build_config("nope")

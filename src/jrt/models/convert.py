@@ -10,7 +10,6 @@ a renaming plus strict checks: any missing, unexpected or mis-shaped tensor is r
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ import torch
 
 from jrt.models.configuration_jrt import JRTConfig
 from jrt.models.modeling_jrt import JRTForCausalLM
+from jrt.tensor_files import read_json_file, read_tensor_file
 
 #: Weight files looked for in a checkpoint folder, in order of preference.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -64,6 +64,8 @@ def official_config_to_jrt(official: Mapping[str, Any], **overrides: Any) -> JRT
         ValueError: a required field is missing, or the layout is not one JRT supports (LayerNorm instead of
             RMSNorm, a non-SwiGLU MLP, different head counts across mixers).
     """
+    if not isinstance(official, Mapping):
+        raise ValueError(f"official config.json must hold a JSON object, got {type(official).__name__}")
     missing = [name for name in REQUIRED_FIELDS if official.get(name) is None]
     if missing:
         raise ValueError(f"official config.json lacks required field(s): {', '.join(missing)}")
@@ -75,20 +77,43 @@ def official_config_to_jrt(official: Mapping[str, Any], **overrides: Any) -> JRT
     for flag in ("mlp_fc1_bias", "mlp_fc2_bias", "qkv_proj_bias", "out_proj_bias"):
         if official.get(flag):
             raise ValueError(f"official config sets {flag}: true, which JRT models do not support")
-    d, layers, heads = int(official["n_embd"]), int(official["n_layer"]), int(official["n_head"])
-    multiple = int(official.get("pad_vocab_size_multiple", 1) or 1)
-    vocab = int(math.ceil(int(official["vocab_size"]) / multiple) * multiple)
+    try:
+        d, layers, heads = int(official["n_embd"]), int(official["n_layer"]), int(official["n_head"])
+        multiple = int(official.get("pad_vocab_size_multiple", 1) or 1)
+        vocab = int(math.ceil(int(official["vocab_size"]) / multiple) * multiple)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"official config.json has a malformed size field ({err})") from None
+    if min(d, layers, heads, multiple, vocab) < 1:
+        raise ValueError("official config.json sizes (n_embd, n_layer, n_head, vocab_size) must be positive")
     mixer = official.get("mixer") or {}
     alt = official.get("alt_mixer") or {}
     alt2 = official.get("alt_mixer_2") or {}
+    for name, spec in (("mixer", mixer), ("alt_mixer", alt), ("alt_mixer_2", alt2)):
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"official config field {name} must be an object, got {type(spec).__name__}")
     mixers = [_mixer_kind(mixer, "base_conv")] * layers
-    for i in official.get("alt_mixer_layers") or []:
-        mixers[int(i)] = _mixer_kind(alt, "pla")
-    for i in official.get("alt_mixer_2_layers") or []:
-        mixers[int(i)] = _mixer_kind(alt2, "swa")
+    for field_name, spec, default in (("alt_mixer_layers", alt, "pla"), ("alt_mixer_2_layers", alt2, "swa")):
+        indices = official.get(field_name) or []
+        if not isinstance(indices, list):
+            raise ValueError(f"official config field {field_name} must be a list of layer indices, got {indices!r}")
+        for i in indices:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < layers:
+                raise ValueError(f"official config field {field_name} holds {i!r}: layer indices must be ints in "
+                                 f"[0, n_layer) = [0, {layers})")
+            mixers[i] = _mixer_kind(spec, default)
     for name, spec in (("alt_mixer", alt), ("alt_mixer_2", alt2)):
         if spec.get("num_heads") not in (None, heads):
             raise ValueError(f"{name}.num_heads = {spec['num_heads']} differs from n_head = {heads}: unsupported")
+    try:
+        fields = _jrt_fields(official, d, layers, heads, vocab, mixers, mixer, alt, alt2)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"official config.json has a malformed field ({err})") from None
+    fields.update(overrides)
+    return JRTConfig(**fields)
+
+
+def _jrt_fields(official: Mapping[str, Any], d: int, layers: int, heads: int, vocab: int, mixers: list[str],
+                mixer: Mapping[str, Any], alt: Mapping[str, Any], alt2: Mapping[str, Any]) -> dict[str, Any]:
     window_size = alt2.get("window_size", 256)
     enc_length = alt.get("enc_length", official.get("enc_length", 1024))
     fields = {
@@ -114,8 +139,7 @@ def official_config_to_jrt(official: Mapping[str, Any], **overrides: Any) -> JRT
                           ("mask_token_id", 50263)):
         value = official.get(name, default)
         fields[name] = value if isinstance(value, int) and 0 <= value < vocab else None
-    fields.update(overrides)
-    return JRTConfig(**fields)
+    return fields
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,15 +251,11 @@ def _resolve_source(source: str | Path) -> Path:
 
 
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = read_tensor_file(path)
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]  # a raw Lightning checkpoint
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not hold a state dict")
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path.parent} is corrupt: {path.name} does not hold a state dict of tensors")
     return dict(state)
 
 
@@ -246,15 +266,20 @@ def read_official(source: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json")
-    official_config = json.loads(config_path.read_text())
+    official_config = read_json_file(config_path, "checkpoint config")
+    if not isinstance(official_config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(official_config).__name__}")
     for name in WEIGHT_FILES:
         path = folder / name
         if not path.is_file():
             continue
         if name.endswith(".index.json"):
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            index = read_json_file(path, "weight index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError(f"{path} has no \"weight_map\" object (tensor name -> shard file)")
             state: dict[str, torch.Tensor] = {}
-            for shard in shards:
+            for shard in sorted(set(weight_map.values())):
                 state.update(_load_weights_file(folder / shard))
             return official_config, state
         return official_config, _load_weights_file(path)
@@ -277,8 +302,27 @@ def load_official(
     return model.eval()
 
 
+def check_output_folder(source: str | Path, out: str | Path) -> None:
+    """Refuse an output that would overwrite the source checkpoint (``out`` is ``source`` or inside it) or that
+    is an existing file."""
+    out_path = Path(out).expanduser().resolve()
+    src = Path(source).expanduser()
+    if src.is_dir():
+        src = src.resolve()
+        if out_path == src or src in out_path.parents:
+            raise ValueError(f"output {out} is {'the source folder' if out_path == src else 'inside the source'} "
+                             f"{source}: choose another folder (the source would be overwritten)")
+    if out_path.exists() and not out_path.is_dir():
+        raise ValueError(f"output {out} is an existing file, not a folder")
+
+
 def convert_official(source: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> JRTForCausalLM:
-    """Convert an official checkpoint to a ``save_pretrained`` folder ``out`` (safetensors); returns the model."""
+    """Convert an official checkpoint to a ``save_pretrained`` folder ``out`` (safetensors); returns the model.
+
+    Raises:
+        ValueError: ``out`` is the source folder, inside it, or an existing file (see :func:`check_output_folder`).
+    """
+    check_output_folder(source, out)
     model = load_official(source, dtype=dtype)
     model.save_pretrained(str(out))
     return model

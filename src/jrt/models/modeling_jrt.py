@@ -100,6 +100,23 @@ class JRTCache:
         raise NotImplementedError("JRTCache cannot be cropped: recurrent states cannot forget tokens")
 
 
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """``ValueError`` unless ``input_ids`` is an integer ``[B, T]`` tensor with ``B >= 1`` and every id in
+    ``[0, vocab_size)`` (one min/max reduction; torch would otherwise fail deep inside the embedding)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must have shape [B, T], got {shape}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.shape[0] == 0:
+        raise ValueError("input_ids has batch size 0: pass at least one sequence")
+    if input_ids.numel() == 0:
+        return  # no positions: reported below with the other input checks
+    lo, hi = (int(x) for x in torch.aminmax(input_ids))
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab_size}) of the model")
+
+
 def _output(cls, **fields: Any):
     """Build a model output, naming the cache field as the installed transformers does."""
     if "cache" in fields and _CACHE_FIELD != "cache":
@@ -237,8 +254,7 @@ class JRTModel(JRTPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
+            check_input_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embeddings(input_ids)
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(

@@ -22,6 +22,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+#: Version of the prompt text (templates and context truncation): bump it when a prompt changes, so that an
+#: evaluation run does not resume with prompts built differently (``jrt eval`` records it in ``run.json``).
+PROMPT_FORMAT_VERSION = 1
+
 #: The two prompting modes of the paper.
 MODES: tuple[str, ...] = ("default", "twice")
 

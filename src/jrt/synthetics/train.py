@@ -9,20 +9,19 @@ stopped.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from jrt.jsonl import append_jsonl, read_jsonl
 from jrt.synthetics.config import RunConfig
 from jrt.synthetics.data import IGNORE_INDEX, SyntheticBatch
 
@@ -223,36 +222,14 @@ def train_run(
 
 
 def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All results in a JSONL file (a missing file is empty; a torn last line from a crash is skipped)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    out = []
-    with path.open() as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
+    """All results in a JSONL file (see :mod:`jrt.jsonl`: a missing file is empty, a torn last line from a crash
+    is dropped, any other malformed line is an error naming the file and line)."""
+    return read_jsonl(path, repair=True)
 
 
 def append_result(path: str | os.PathLike, result: dict[str, Any]) -> None:
-    """Append one result as a JSON line and flush it to disk (after a torn last line, on a new line)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torn = False
-    if path.exists() and path.stat().st_size > 0:
-        with path.open("rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            torn = fh.read(1) != b"\n"
-    with path.open("a") as fh:
-        fh.write(("\n" if torn else "") + json.dumps(result, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append one result as a JSON line on a fresh line, flushed and fsynced (see :mod:`jrt.jsonl`)."""
+    append_jsonl(path, result)
 
 
 def _worker(cfg_dict: dict[str, Any], device: str, threads: int | None) -> dict[str, Any]:

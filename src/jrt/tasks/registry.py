@@ -246,8 +246,12 @@ def iter_local_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]
     """
     path = Path(path)
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 text ({err.reason})") from None
                 if not line.strip():
                     continue
                 try:
@@ -258,6 +262,8 @@ def iter_local_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]
     elif path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text (byte offset {err.start})") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
         if isinstance(data, dict):

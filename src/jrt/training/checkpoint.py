@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from jrt.tensor_files import CorruptFileError, read_tensor_file
+
 STEP_RE = re.compile(r"^step_(\d{8})$")
 KILL_ENV = "JRT_TRAIN_KILL_AT_STEP"
 STATE_FILE = "trainer_state.json"
@@ -124,12 +126,23 @@ def _save_pretrained(model: nn.Module, path: Path, state_dict: dict[str, torch.T
             hf_logging.enable_progress_bar()
 
 
+def _remove_stale(folder: Path, *patterns: str) -> None:
+    """Remove temporaries left by a process killed while writing (one writer per run folder: rank 0)."""
+    if not folder.is_dir():
+        return
+    for pattern in patterns:
+        for stale in folder.glob(pattern):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+
+
 def save_pretrained_atomic(model: nn.Module, target: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """``model.save_pretrained`` into a temporary folder renamed onto ``target`` (replacing it)."""
     target = Path(target)
+    _remove_stale(target.parent, f".tmp-{target.name}-*", f".old-{target.name}-*")
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     _save_pretrained(model, tmp, state_dict)
     _fsync_tree(tmp)
     if target.exists():
@@ -160,9 +173,8 @@ def save_checkpoint(
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
+    _remove_stale(root, ".tmp-step_*")
     tmp = root / f".tmp-{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     _save_pretrained(model, tmp, model_state)
     torch.save(optimizer_state, tmp / "optimizer.pt")
     if os.environ.get(KILL_ENV) == str(step):
@@ -185,32 +197,52 @@ def save_checkpoint(
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint, checked field by field.
+
+    Raises:
+        CorruptFileError: missing, not JSON, or a (hand-edited) field of the wrong type or range.
+    """
     path = Path(path)
     try:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError as err:
-        raise ValueError(f"checkpoint {path} is incomplete: no {STATE_FILE}") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"checkpoint {path} is corrupt: {STATE_FILE} is not valid JSON ({err})") from err
+        raise CorruptFileError(f"checkpoint {path} is incomplete: no {STATE_FILE}") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFileError(f"checkpoint {path} is corrupt: {STATE_FILE} is not valid JSON ({err})") from err
+    if not isinstance(state, dict):
+        raise CorruptFileError(f"checkpoint {path} is corrupt: {STATE_FILE} is not a JSON object")
     if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+        raise CorruptFileError(f"checkpoint {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
+
+    def check(name: str, ok: bool, expected: str, value: Any) -> None:
+        if not ok:
+            raise CorruptFileError(f"checkpoint {path} is corrupt: {STATE_FILE} field {name} must be {expected}, "
+                                   f"got {value!r}")
+
+    def is_count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    step = state.get("step")
+    check("step", is_count(step), "an int >= 0", step)
+    for name in ("scheduler", "data", "config"):
+        check(name, isinstance(state.get(name), dict), "an object", state.get(name))
+    consumed = state["data"].get("sequences_consumed")
+    check("data.sequences_consumed", is_count(consumed), "an int >= 0", consumed)
+    check("num_sequences", is_count(state.get("num_sequences")), "an int >= 0", state.get("num_sequences"))
+    last = state["scheduler"].get("last_step")
+    check("scheduler.last_step", is_count(last), "an int >= 0", last)
     return state
 
 
 def load_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of ``model.safetensors`` (or its shards) in ``path``; ``ValueError`` when corrupt."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise ValueError(f"checkpoint {path} has no model*.safetensors")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        try:
-            sd.update(load_file(str(f)))
-        except Exception as err:  # safetensors raises its own error types for bad headers / truncation
-            raise ValueError(f"checkpoint {path} is corrupt: cannot read {f.name} ({err})") from err
+        sd.update(read_tensor_file(f, path))
     return sd
 
 
@@ -237,9 +269,5 @@ def apply_model_weights(model: nn.Module, sd: dict[str, torch.Tensor], where: st
 
 
 def load_torch_file(path: Path, where: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise ValueError(f"checkpoint {where} is incomplete: no {path.name}") from err
-    except Exception as err:  # pickle / zip errors of a truncated or foreign file
-        raise ValueError(f"checkpoint {where} is corrupt: cannot read {path.name} ({err})") from err
+    """A ``torch.save`` file of a checkpoint (``ValueError`` when missing or corrupt, see :mod:`jrt.tensor_files`)."""
+    return read_tensor_file(path, where)

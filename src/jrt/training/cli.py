@@ -43,7 +43,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from jrt.training.data import prepare_dataset
+    from jrt.training.prepare import prepare_dataset
 
     index = prepare_dataset(
         args.input, args.output, args.tokenizer, workers=args.workers, val_fraction=args.val_fraction,

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from jrt.errors import check_known_keys, did_you_mean
 
 OBJECTIVES = ("prefix_mlm", "ntp")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -29,7 +32,9 @@ class TrainConfig:
     """Everything a training run needs besides the data folder and the output folder.
 
     Batch sizes count *sequences* of ``seq_len`` tokens. ``global_batch_size`` is split over
-    ``world_size`` ranks and ``grad_accum = global_batch_size / (micro_batch_size * world_size)`` micro-steps.
+    ``world_size`` ranks and ``grad_accum = global_batch_size / (micro * world_size)`` micro-steps, where the
+    micro-batch is the largest divisor of the per-rank batch not above ``micro_batch_size``
+    (:meth:`TrainConfig.batch_split`).
     """
 
     #: Model preset name (``jrt-tiny``, ``based-360m``, ``attn-tiny``, ``mamba-360m``, ...).
@@ -123,19 +128,32 @@ class TrainConfig:
             raise ValueError("lr must be > 0, min_lr and warmup_init_lr >= 0")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        from jrt.training.models import check_model_overrides
+
+        check_model_overrides(self.model, self.model_overrides)
         return self
 
+    def batch_split(self, world_size: int) -> tuple[int, int]:
+        """``(micro_batch, grad_accum)`` with ``micro_batch * grad_accum * world_size == global_batch_size``.
+
+        ``micro_batch`` is the largest divisor of ``global_batch_size / world_size`` that is at most
+        ``micro_batch_size`` (so ``torchrun`` on any number of ranks that divides the global batch works);
+        ``ValueError`` when ``world_size`` does not divide the global batch (no split exists).
+        """
+        if world_size < 1 or self.global_batch_size % world_size:
+            raise ValueError(f"global_batch_size ({self.global_batch_size}) cannot be split over {world_size} "
+                             "processes: use a process count that divides it, or change global_batch_size")
+        per_rank = self.global_batch_size // world_size
+        micro = max(m for m in range(1, min(self.micro_batch_size, per_rank) + 1) if per_rank % m == 0)
+        return micro, per_rank // micro
+
     def grad_accum(self, world_size: int) -> int:
-        """Micro-steps per optimizer step; raises ``ValueError`` when the batch does not divide."""
-        per_step = self.micro_batch_size * world_size
-        if self.global_batch_size % per_step:
-            raise ValueError(
-                f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size x "
-                f"world_size ({self.micro_batch_size} x {world_size} = {per_step})"
-            )
-        return self.global_batch_size // per_step
+        """Micro-steps per optimizer step (see :meth:`batch_split`)."""
+        return self.batch_split(world_size)[1]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -189,9 +207,7 @@ def _field_types() -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     """Convert ``value`` (from YAML/JSON or a ``key=value`` string) to the type of field ``name``."""
     hints = _field_types()
-    if name not in hints:
-        known = ", ".join(f.name for f in fields(TrainConfig))
-        raise ValueError(f"unknown training option {name!r}; known options: {known}")
+    check_known_keys([name], hints, "training option")
     tp = hints[name]
     if typing.get_origin(tp) is dict:
         base, optional = dict, False
@@ -207,12 +223,12 @@ def _coerce(name: str, value: Any) -> Any:
         return None
     if base is dict:
         if isinstance(value, str):
-            value = _parse_scalar(value)
+            value = _parse_scalar(value, name)
         if not isinstance(value, dict):
             raise ValueError(f"option {name!r} expects a mapping, got {value!r}")
-        return dict(value)
-    if isinstance(value, str):
-        value = _parse_scalar(value)
+        return {k: _number_or_text(v) for k, v in value.items()}
+    if isinstance(value, str) and base is not str:
+        value = _parse_scalar(value, name)
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -235,16 +251,36 @@ def _coerce(name: str, value: Any) -> Any:
     raise ValueError(f"option {name!r} expects {getattr(base, '__name__', base)}, got {value!r}")
 
 
-def _parse_scalar(text: str) -> Any:
+def _number_or_text(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string: a string that is a plain number becomes that number."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def _parse_scalar(text: str, name: str) -> Any:
+    """A ``key=value`` override's value, read as YAML (JSON without pyyaml)."""
     try:
         import yaml
-
-        return yaml.safe_load(text)
     except ImportError:  # pragma: no cover - pyyaml ships with transformers
         try:
             return json.loads(text)
         except json.JSONDecodeError:
             return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {name}={text!r} is not valid YAML ({_yaml_problem(err)})") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    """One line from a PyYAML error: the problem and its line/column."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -252,13 +288,19 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte offset {err.start})") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as err:  # pragma: no cover
             raise ValueError("reading YAML configs needs pyyaml: pip install pyyaml") from err
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path} is not valid YAML ({_yaml_problem(err)})") from None
     else:
         try:
             data = json.loads(text)
@@ -291,7 +333,8 @@ def build_config(
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in TRAIN_PRESETS:
-            raise ValueError(f"unknown training preset {preset!r}; known: {', '.join(sorted(TRAIN_PRESETS))}")
+            raise ValueError(f"unknown training preset {preset!r}{did_you_mean(preset, TRAIN_PRESETS)}; "
+                             f"known: {', '.join(sorted(TRAIN_PRESETS))}")
         values.update(TRAIN_PRESETS[preset])
     if config_file is not None:
         file_values = load_config_file(config_file)

@@ -3,9 +3,10 @@ line, and TensorBoard scalars when ``tensorboard`` is installed. Only rank 0 cre
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from jrt.jsonl import append_jsonl, read_jsonl, write_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -18,24 +19,15 @@ def format_duration(seconds: float) -> str:
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:
-    """Drop rows after ``last_step`` (written by a run that died after its last checkpoint)."""
+    """Drop rows after ``last_step`` (written by a run that died after its last checkpoint) and a torn last line."""
     path = Path(path)
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if int(row.get("step", 0)) <= last_step:
-            keep.append(line)
-    path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
+    if path.is_file():
+        write_jsonl(path, [row for row in read_metrics(path) if int(row.get("step", 0)) <= last_step])
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a metrics JSONL file."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """All rows of a metrics JSONL file (one torn-line rule for the project, see :mod:`jrt.jsonl`)."""
+    return read_jsonl(path, required=("step",))
 
 
 class MetricsLogger:
@@ -44,7 +36,6 @@ class MetricsLogger:
     def __init__(self, out_dir: str | Path, tensorboard: bool = True):
         self.path = Path(out_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             try:
@@ -55,8 +46,7 @@ class MetricsLogger:
                 self._tb = None
 
     def log(self, row: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
+        append_jsonl(self.path, row)
         if self._tb is not None:
             step = int(row["step"])
             for key, value in row.items():
@@ -64,6 +54,5 @@ class MetricsLogger:
                     self._tb.add_scalar(f"train/{key}" if not key.startswith("val") else f"val/{key}", value, step)
 
     def close(self) -> None:
-        self._fh.close()
         if self._tb is not None:
             self._tb.close()

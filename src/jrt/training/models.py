@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from jrt.errors import check_known_keys, did_you_mean
+
 PADDED_VOCAB = 50264
 
 #: transformers baseline configs: name -> (family, kwargs).
@@ -33,6 +35,7 @@ BASELINE_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def _baseline(name: str, overrides: dict[str, Any]) -> nn.Module:
     family, kwargs = BASELINE_PRESETS[name]
+    _check_baseline_overrides(family, overrides)
     kwargs = {**kwargs, "vocab_size": PADDED_VOCAB, "tie_word_embeddings": True, **overrides}
     if family == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -45,6 +48,46 @@ def _baseline(name: str, overrides: dict[str, Any]) -> nn.Module:
     return MambaForCausalLM(MambaConfig(**kwargs))
 
 
+def _check_baseline_overrides(family: str, overrides: dict[str, Any]) -> None:
+    """Unknown ``model_overrides`` keys of a transformers baseline are an error suggesting the closest field
+    (transformers would keep them as stray attributes, silently)."""
+    import inspect
+
+    from transformers import LlamaConfig, MambaConfig, PretrainedConfig
+
+    cls = LlamaConfig if family == "llama" else MambaConfig
+    valid = set(inspect.signature(cls.__init__).parameters) | set(cls().to_dict()) | set(PretrainedConfig().to_dict())
+    check_known_keys(overrides, valid - {"self", "kwargs"}, f"{family} config field")
+
+
+def check_model_overrides(name: str, overrides: dict[str, Any]) -> None:
+    """``ValueError`` for an unknown preset or an override key that is not a field of its config (the closest
+    name suggested), without building the model."""
+    if name in BASELINE_PRESETS:
+        _check_baseline_overrides(BASELINE_PRESETS[name][0], overrides)
+        return
+    from jrt.models import PRESETS, JRTConfig
+    from jrt.models.configuration_jrt import config_fields
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}{did_you_mean(name, model_names())}; "
+                         f"known: {', '.join(model_names())}")
+    check_known_keys(overrides, config_fields(), "model_overrides key")
+    JRTConfig.from_preset(name, **overrides)  # values checked too (no model is built: cheap)
+
+
+def model_names() -> list[str]:
+    """All model preset names the trainer knows (JRT ones only when :mod:`jrt.models` imports)."""
+    names = list(BASELINE_PRESETS)
+    try:
+        from jrt.models import PRESETS
+
+        names += list(PRESETS)
+    except ImportError:
+        pass
+    return sorted(set(names))
+
+
 def build_model(name: str, overrides: dict[str, Any] | None = None) -> nn.Module:
     """A freshly initialised model for preset ``name`` (``overrides`` go into its config)."""
     overrides = dict(overrides or {})
@@ -54,13 +97,8 @@ def build_model(name: str, overrides: dict[str, Any] | None = None) -> nn.Module
         from jrt.models import JRTConfig, JRTForCausalLM
     except ImportError as err:
         raise ValueError(f"model preset {name!r} needs jrt.models, which failed to import: {err}") from err
-    try:
-        cfg = JRTConfig.from_preset(name, **overrides)
-    except (KeyError, ValueError) as err:
-        raise ValueError(
-            f"unknown model preset {name!r} ({err}); baselines: {', '.join(BASELINE_PRESETS)}"
-        ) from err
-    return JRTForCausalLM(cfg)
+    check_model_overrides(name, overrides)
+    return JRTForCausalLM(JRTConfig.from_preset(name, **overrides))
 
 
 def vocab_size(model: nn.Module) -> int:

@@ -14,9 +14,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jrt.training.train", description=__doc__)
     add_train_arguments(parser)
     args = parser.parse_args(argv)
+    from jrt.cli import CLIError, check_common_arguments
+
     try:
+        check_common_arguments(args)
         return run_train(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (CLIError, ValueError, OSError) as err:
         print(f"jrt train: error: {err}", file=sys.stderr)
         return 2
 

@@ -100,7 +100,11 @@ class Trainer:
         except ValueError as err:
             self._say(f"warning: no validation loss: {err}")
             self.val_ds = None
-        self.accum = cfg.grad_accum(info.world_size)
+        self.micro, self.accum = cfg.batch_split(info.world_size)
+        if self.micro != cfg.micro_batch_size:
+            self._say(f"micro-batch {self.micro} sequences per process (micro_batch_size {cfg.micro_batch_size}, "
+                      f"per-process batch {cfg.global_batch_size // info.world_size}), {self.accum} accumulation "
+                      "step(s)")
         self.sampler = BatchSampler(len(self.train_ds), cfg.global_batch_size, cfg.seed, info.rank,
                                     info.world_size)
 
@@ -129,7 +133,7 @@ class Trainer:
             raise ValueError(f"{self.out} already has checkpoints ({existing.name}); pass --resume to continue "
                              "or choose another output folder")
         if resume and existing is not None:
-            self._resume(existing)
+            self._resume_latest_intact()
         elif resume:
             self._say(f"no checkpoint in {self.ckpt_root}: starting from scratch")
         if info.is_main:
@@ -177,6 +181,19 @@ class Trainer:
         d["objective"] = self.objective
         return d
 
+    def _resume_latest_intact(self) -> None:
+        """Resume from the newest checkpoint whose files are intact; a corrupt one (truncated weights, a bad
+        ``trainer_state.json``) is skipped with a log line. Incompatible settings are an error, not skipped."""
+        first_error: ckpt.CorruptFileError | None = None
+        for _, path in reversed(ckpt.list_checkpoints(self.ckpt_root)):
+            try:
+                self._resume(path)
+                return
+            except ckpt.CorruptFileError as err:
+                first_error = first_error or err
+                self._say(f"warning: {err}; falling back to an older checkpoint")
+        raise ValueError(f"no intact checkpoint in {self.ckpt_root} (newest: {first_error})")
+
     def _resume(self, path: Path) -> None:
         where = str(path)
         state = ckpt.read_trainer_state(path)
@@ -195,6 +212,8 @@ class Trainer:
         weights = ckpt.load_model_weights(path)
         opt_state = ckpt.load_torch_file(path / "optimizer.pt", where)
         rng = ckpt.load_torch_file(path / "rng.pt", where)
+        if not isinstance(rng, list) or not rng:
+            raise ckpt.CorruptFileError(f"checkpoint {where} is corrupt: bad rng.pt")
         if self.cfg.distributed == "fsdp" and self.info.enabled:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -212,8 +231,6 @@ class Trainer:
             except (ValueError, KeyError, RuntimeError) as err:
                 raise ValueError(f"checkpoint {where} has an incompatible optimizer state: {err}") from err
         self.schedule.load_state_dict(state["scheduler"])
-        if not isinstance(rng, list) or not rng:
-            raise ValueError(f"checkpoint {where} is corrupt: bad rng.pt")
         ckpt.restore_rng(rng[self.info.rank % len(rng)])
         self.start_step = step
         self._say(f"resumed from {path} at step {step}")
@@ -245,7 +262,7 @@ class Trainer:
                                              device=info.device), info).cpu()
         ntp_norm, mlm_norm = float(counts[0]), float(counts[1])
         sums = torch.zeros(2, dtype=torch.float64)
-        mb = c.micro_batch_size
+        mb = self.micro
         for a in range(self.accum):
             sl = slice(a * mb, (a + 1) * mb)
             micro = ObjectiveBatch(batch.input_ids[sl], batch.targets[sl], batch.is_mlm[sl],
@@ -292,8 +309,8 @@ class Trainer:
         self.raw.eval()
         sums = torch.zeros(6, dtype=torch.float64)  # ntp sum/count, mlm sum/count, decoder sum/count
         dec_prefix = c.prefix_len if c.prefix_len < c.seq_len else 0
-        for start in range(0, len(mine), c.micro_batch_size):
-            idx = mine[start: start + c.micro_batch_size]
+        for start in range(0, len(mine), self.micro):
+            idx = mine[start: start + self.micro]
             windows = self.val_ds.batch(idx)
             keys = [(-1, i) for i in idx]
             batch = self._batch(windows, keys).to(info.device)
