@@ -24,6 +24,8 @@ OPS_RANKS = {
     "jrt.ops.triton": 5,
     "jrt.ops.triton._kernels": 5,
     "jrt.ops.triton._ops": 5,
+    "jrt.ops.triton._backward_kernels": 5,
+    "jrt.ops.triton._backward": 5,
     "jrt.ops.based.api": 6,
     "jrt.ops": 7,
 }
