@@ -67,8 +67,17 @@ def test_ops_modules_import_only_downwards(path):
         )
 
 
-@pytest.mark.parametrize("package,allowed", [("layers", ("jrt.ops", "jrt.layers")),
-                                             ("models", ("jrt.ops", "jrt.layers", "jrt.models"))])
+#: Leaf helpers that import nothing from jrt: any package may use them.
+LEAVES = ("jrt.errors", "jrt.jsonl", "jrt.tensor_files", "jrt.paths")
+
+
+@pytest.mark.parametrize("leaf", LEAVES)
+def test_leaf_helpers_import_nothing_from_jrt(leaf):
+    assert not _jrt_imports(SRC / f"{leaf.split('.')[1]}.py")
+
+
+@pytest.mark.parametrize("package,allowed", [("layers", ("jrt.ops", "jrt.layers", *LEAVES)),
+                                             ("models", ("jrt.ops", "jrt.layers", "jrt.models", *LEAVES))])
 def test_layers_and_models_import_only_below(package, allowed):
     for path in sorted((SRC / package).rglob("*.py")):
         for target in _jrt_imports(path):

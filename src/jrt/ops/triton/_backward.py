@@ -97,7 +97,7 @@ def backward(
     init = None if s0 is None else (_float32(s0), _float32(z0))
     in_prefix = None
     if spec["prefix"]:
-        from jrt.ops import prefix_positions
+        from jrt.ops.common import prefix_positions
 
         ke, ve = (x.float() if x.dtype == torch.float64 else x for x in (ke_in, ve_in))
         in_prefix = prefix_positions(spec["prefix_lengths"], t, spec["mask"])
