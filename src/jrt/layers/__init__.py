@@ -11,10 +11,13 @@ that a prefill followed by one-token steps equals one pass over the whole sequen
 - :class:`SlidingWindowAttention`: softmax attention over ``window`` tokens back with rotary embedding
   (``window=None``: full causal softmax attention);
 - :class:`BaseConv`: gated short depthwise convolution;
-- :class:`SwiGLU` MLP and :class:`RMSNorm` (``torch.nn.RMSNorm``).
+- :class:`SwiGLU` MLP and :class:`RMSNorm` (``torch.nn.RMSNorm``);
+- the synthetic lab's authors-style mixers (:mod:`jrt.layers.lab`): :class:`GatedShortConv` and
+  :class:`NonCausalGatedShortConv` (the authors' BaseConv form), :class:`NonCausalBasedLinearAttention`.
 """
 
 from jrt.layers.conv import BaseConv, ConvState
+from jrt.layers.lab import GatedShortConv, NonCausalBasedLinearAttention, NonCausalGatedShortConv
 from jrt.layers.linear_attention import BasedLinearAttention, LinearAttentionState, PrefixLinearAttention
 from jrt.layers.mlp import RMSNorm, SwiGLU
 from jrt.layers.sliding_window import KVCache, SlidingWindowAttention, SlidingWindowState
@@ -26,15 +29,26 @@ MIXERS = {
     "based": BasedLinearAttention,
     "swa": SlidingWindowAttention,
     "attention": SlidingWindowAttention,
+    # the synthetic lab's mixers, built as Mixer(config, layer_idx)
+    "gated_conv": GatedShortConv,
+    "gated_conv_noncausal": NonCausalGatedShortConv,
+    "based_noncausal": NonCausalBasedLinearAttention,
 }
 
+#: Registry names of the mixers constructed as ``Mixer(config, layer_idx)``.
+CONFIG_MIXERS = ("gated_conv", "gated_conv_noncausal", "based_noncausal")
+
 __all__ = [
+    "CONFIG_MIXERS",
     "MIXERS",
     "BaseConv",
     "BasedLinearAttention",
     "ConvState",
+    "GatedShortConv",
     "KVCache",
     "LinearAttentionState",
+    "NonCausalBasedLinearAttention",
+    "NonCausalGatedShortConv",
     "PrefixLinearAttention",
     "RMSNorm",
     "SlidingWindowAttention",

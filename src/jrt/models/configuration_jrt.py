@@ -8,7 +8,8 @@ from typing import Any
 from transformers import PretrainedConfig
 
 #: Mixer names accepted in ``JRTConfig.mixers``.
-MIXER_NAMES = ("base_conv", "pla", "based", "swa", "attention")
+MIXER_NAMES = ("base_conv", "pla", "based", "swa", "attention",
+               "gated_conv", "gated_conv_noncausal", "based_noncausal")
 
 
 def _pattern(layers: int, pla: tuple[int, ...], swa: tuple[int, ...], pla_name: str = "pla") -> list[str]:
@@ -68,6 +69,8 @@ class JRTConfig(PretrainedConfig):
         rotary_base: rotary base of the attention mixers.
         linear_attention_eps: denominator epsilon of PLA / Based (1e-12 as published).
         residual_in_fp32: keep the residual stream in float32 whatever the parameter dtype.
+        use_mlp: give every block a SwiGLU MLP (False: mixer-only blocks, as in the authors' synthetic models).
+        embedding_dropout: dropout on the token embeddings during training (0.1 in the authors' synthetics).
         tie_word_embeddings: share the embedding and LM-head matrices.
     """
 
@@ -92,6 +95,8 @@ class JRTConfig(PretrainedConfig):
         rotary_base: float = 10000.0,
         linear_attention_eps: float = 1e-12,
         residual_in_fp32: bool = True,
+        use_mlp: bool = True,
+        embedding_dropout: float = 0.0,
         use_cache: bool = True,
         tie_word_embeddings: bool = True,
         bos_token_id: int | None = 50256,
@@ -118,6 +123,8 @@ class JRTConfig(PretrainedConfig):
         self.rotary_base = rotary_base
         self.linear_attention_eps = linear_attention_eps
         self.residual_in_fp32 = residual_in_fp32
+        self.use_mlp = use_mlp
+        self.embedding_dropout = embedding_dropout
         self.use_cache = use_cache
         self.validate_jrt()
         super().__init__(
@@ -132,6 +139,8 @@ class JRTConfig(PretrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0.0 <= self.embedding_dropout < 1.0:
+            raise ValueError(f"embedding_dropout must be in [0, 1), got {self.embedding_dropout!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by "

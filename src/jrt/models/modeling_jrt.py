@@ -22,7 +22,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from jrt.layers import MIXERS, RMSNorm, SwiGLU
+from jrt.layers import CONFIG_MIXERS, MIXERS, RMSNorm, SwiGLU
 from jrt.models.configuration_jrt import JRTConfig
 from jrt.ops._checks import check_mask
 
@@ -112,7 +112,9 @@ class JRTBlock(nn.Module):
         name = config.mixers[layer_idx]
         self.mixer_name = name
         d, heads = config.hidden_size, config.num_attention_heads
-        if name == "base_conv":
+        if name in CONFIG_MIXERS:
+            mixer = MIXERS[name](config, layer_idx)
+        elif name == "base_conv":
             mixer = MIXERS[name](d, kernel_size=config.conv_kernel_size, expand=config.conv_expand, layer_idx=layer_idx)
         elif name in ("pla", "based"):
             mixer = MIXERS[name](
@@ -124,10 +126,12 @@ class JRTBlock(nn.Module):
             mixer = MIXERS[name](d, heads, window=window, rotary_base=config.rotary_base, layer_idx=layer_idx)
         self.norm1 = RMSNorm(d, eps=config.rms_norm_eps)
         self.mixer = mixer
-        self.norm2 = RMSNorm(d, eps=config.rms_norm_eps)
-        self.mlp = SwiGLU(d, config.intermediate_size)
-        self.mixer.out_proj._is_residual_output = True
-        self.mlp.fc2._is_residual_output = True
+        self.norm2 = RMSNorm(d, eps=config.rms_norm_eps) if config.use_mlp else None
+        self.mlp = SwiGLU(d, config.intermediate_size) if config.use_mlp else None
+        if hasattr(self.mixer, "out_proj"):
+            self.mixer.out_proj._is_residual_output = True
+        if self.mlp is not None:
+            self.mlp.fc2._is_residual_output = True
 
     def forward(
         self,
@@ -140,6 +144,8 @@ class JRTBlock(nn.Module):
         dtype = self.norm1.weight.dtype
         mixed = self.mixer(self.norm1(hidden_states.to(dtype)), attention_mask, prefix_lengths, state)
         hidden_states = hidden_states + mixed.to(hidden_states.dtype)
+        if self.mlp is None:
+            return hidden_states
         return hidden_states + self.mlp(self.norm2(hidden_states.to(dtype))).to(hidden_states.dtype)
 
 
@@ -200,6 +206,8 @@ class JRTPreTrainedModel(PreTrainedModel):
                 total += mixer.state_size_bytes(batch)
             elif block.mixer_name == "base_conv":
                 total += mixer.state_size_bytes(batch, dtype)
+            elif block.mixer_name in CONFIG_MIXERS:
+                total += mixer.state_size_bytes(batch, dtype, context_length=context_length)
             else:
                 total += mixer.state_size_bytes(batch, dtype, context_length=context_length)
         return total
@@ -211,6 +219,7 @@ class JRTModel(JRTPreTrainedModel):
     def __init__(self, config: JRTConfig) -> None:
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embedding_dropout = nn.Dropout(getattr(config, "embedding_dropout", 0.0))
         self.layers = nn.ModuleList(JRTBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm_f = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
@@ -256,7 +265,7 @@ class JRTModel(JRTPreTrainedModel):
         if inputs_embeds is None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
-            inputs_embeds = self.embeddings(input_ids)
+            inputs_embeds = self.embedding_dropout(self.embeddings(input_ids))
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"inputs_embeds must have shape [B, T, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}"
