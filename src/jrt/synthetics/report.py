@@ -176,7 +176,8 @@ def checks(mqar: Sequence[dict[str, Any]], sd: Sequence[dict[str, Any]]) -> list
                 "measured": f"{o['accuracy']:.1f} vs {base['accuracy']:.1f} % (difference "
                             f"{o['accuracy'] - base['accuracy']:+.1f}, 95% CI {_fmt_ci(lo, hi)} points; "
                             f"{o['n']:,} and {base['n']:,} queries)",
-                "difference": round(o["accuracy"] - base["accuracy"], 2), "ci": [round(100 * lo, 2), round(100 * hi, 2)],
+                "difference": round(o["accuracy"] - base["accuracy"], 2),
+                "ci": [round(100 * lo, 2), round(100 * hi, 2)],
                 "verdict": _verdict_better(lo, hi),
             })
     sd_by = {(r["model"], r["state_bytes"]): r for r in sd}
@@ -301,7 +302,8 @@ def plot_sd_panels(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> P
     per point. PNG."""
     plt = _pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), dpi=100, sharex=True)
-    titles = {"short_first": "short A, long B", "long_first": "long A, short B", "difference": "difference (short - long)"}
+    titles = {"short_first": "short A, long B", "long_first": "long A, short B",
+              "difference": "difference (short - long)"}
     for i, sel in enumerate(("best", "fixed")):
         for j, panel in enumerate(SD_PANELS):
             ax = axes[i][j]

@@ -85,7 +85,9 @@ def evaluate(model: torch.nn.Module, data: SyntheticBatch, batch_size: int, devi
     return hits, total
 
 
-def epoch_batches(pools: Sequence[SyntheticBatch], batch_size: int, gen: torch.Generator) -> list[tuple[int, torch.Tensor]]:
+def epoch_batches(
+    pools: Sequence[SyntheticBatch], batch_size: int, gen: torch.Generator
+) -> list[tuple[int, torch.Tensor]]:
     """One epoch as ``(pool index, row indices)`` batches: every row of every pool once, each batch from one
     pool (its sequences share a length), the batches of all pools shuffled together (the authors' loader)."""
     batches = []
