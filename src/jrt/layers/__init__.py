@@ -29,17 +29,17 @@ MIXERS = {
     "based": BasedLinearAttention,
     "swa": SlidingWindowAttention,
     "attention": SlidingWindowAttention,
-    # the synthetic lab's mixers, built as Mixer(config, layer_idx)
+}
+
+#: The synthetic lab's mixers (``Mixer(config, layer_idx)``; the non-causal ones cannot decode token by token).
+LAB_MIXERS = {
     "gated_conv": GatedShortConv,
     "gated_conv_noncausal": NonCausalGatedShortConv,
     "based_noncausal": NonCausalBasedLinearAttention,
 }
 
-#: Registry names of the mixers constructed as ``Mixer(config, layer_idx)``.
-CONFIG_MIXERS = ("gated_conv", "gated_conv_noncausal", "based_noncausal")
-
 __all__ = [
-    "CONFIG_MIXERS",
+    "LAB_MIXERS",
     "MIXERS",
     "BaseConv",
     "BasedLinearAttention",

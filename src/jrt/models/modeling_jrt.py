@@ -22,7 +22,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from jrt.layers import CONFIG_MIXERS, MIXERS, RMSNorm, SwiGLU
+from jrt.layers import LAB_MIXERS, MIXERS, RMSNorm, SwiGLU
 from jrt.models.configuration_jrt import JRTConfig
 from jrt.ops._checks import check_mask
 
@@ -112,8 +112,8 @@ class JRTBlock(nn.Module):
         name = config.mixers[layer_idx]
         self.mixer_name = name
         d, heads = config.hidden_size, config.num_attention_heads
-        if name in CONFIG_MIXERS:
-            mixer = MIXERS[name](config, layer_idx)
+        if name in LAB_MIXERS:
+            mixer = LAB_MIXERS[name](config, layer_idx)
         elif name == "base_conv":
             mixer = MIXERS[name](d, kernel_size=config.conv_kernel_size, expand=config.conv_expand, layer_idx=layer_idx)
         elif name in ("pla", "based"):
@@ -206,7 +206,7 @@ class JRTPreTrainedModel(PreTrainedModel):
                 total += mixer.state_size_bytes(batch)
             elif block.mixer_name == "base_conv":
                 total += mixer.state_size_bytes(batch, dtype)
-            elif block.mixer_name in CONFIG_MIXERS:
+            elif block.mixer_name in LAB_MIXERS:
                 total += mixer.state_size_bytes(batch, dtype, context_length=context_length)
             else:
                 total += mixer.state_size_bytes(batch, dtype, context_length=context_length)

@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="train every run of the grid for N steps instead (its own results: new run ids)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from DIR/results.jsonl")
+    p.add_argument("--estimate", action="store_true",
+                   help="train nothing: time a few training steps of every distinct model of the grid on --device "
+                        "and write the grid's device hours to DIR/estimate.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -61,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
                                        eval_every=min(cfg.train.eval_every, args.max_steps)))
             for cfg in grid
         ]
+    if args.estimate:
+        return _estimate(grid, args.device, out)
     wanted = {cfg.run_id() for cfg in grid}
     t0 = time.perf_counter()
     if args.report_only:
@@ -84,6 +89,22 @@ def run(args: argparse.Namespace) -> int:
         print("\nThe paper's expected outcomes, as measured\n" + checks_table(summary["checks"]))
     suffix = f" in {wall / 60:.1f} min" if wall is not None else ""
     print(f"\n{len(results)} runs{suffix}; report: {out / 'report.md'}, summary: {out / 'summary.json'}")
+    return 0
+
+
+def _estimate(grid: list, device: str, out: Path) -> int:
+    from jrt.synthetics.cost import estimate_grid
+
+    print(f"jrt reproduce --estimate: timing the {len(grid)}-run grid's distinct models on {device}")
+    est = estimate_grid(grid, device=device)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "estimate.json").write_text(json.dumps(est, indent=2) + "\n")
+    print("| experiment | model | d_model | f | runs | steps per run | s per step | hours |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for s in est["shapes"]:
+        print(f"| {s['experiment']} | {s['model']} | {s['d_model']} | {s['feature_dim']} | {s['runs']} | "
+              f"{s['max_steps']:,} | {s['seconds_per_step']:.4f} | {s['hours']:.1f} |")
+    print(f"\n{est['runs']} runs: {est['hours']:.1f} {device} hours (measured steps, serial); {out / 'estimate.json'}")
     return 0
 
 

@@ -69,9 +69,11 @@ def measure_steps(cfg: RunConfig, *, device: str = "cpu", steps: int = 2, count:
         batch = pool.to(dev)
         _step(model, opt, batch)  # warm-up (first-call setup, AdamW state)
         flops = ops = None
-        if count:
-            counter, flop_mode = _OpCounter(), FlopCounterMode(display=False)
-            with flop_mode, counter:
+        if count:  # two separate steps: the modes must not see each other's operator calls
+            flop_mode, counter = FlopCounterMode(display=False), _OpCounter()
+            with flop_mode:
+                _step(model, opt, batch)
+            with counter:
                 _step(model, opt, batch)
             flops, ops = int(flop_mode.get_total_flops()), counter.count
         if dev.type == "cuda":

@@ -1,19 +1,24 @@
-"""The lab's small models, built from the library's own model (:class:`jrt.models.JRTForCausalLM`) and, as a
-state-space representative, ``transformers``' Mamba (its CPU reference path).
+"""The lab's small models, built by the project's model factory (:func:`jrt.training.models.build_model`) from
+the library's own model (:class:`jrt.models.JRTForCausalLM`) and, as a state-space representative,
+``transformers``' Mamba (its CPU reference path).
 
-==============  ===============================================  =============================================
-``arch``        layers (``num_layers`` blocks)                    recurrent state (``state_size_bytes``)
-==============  ===============================================  =============================================
-``attention``   BaseConv, causal softmax attention, ...          KV cache ``T * (2 * d * 4 + 8)`` bytes per
-                                                                 attention layer, plus BaseConv
-``based``       BaseConv, Based (causal linear attention), ...   per Based layer ``H * (Dv * D + D) * 4``;
-                                                                 per BaseConv ``(k - 1) * expand * d * 4``
-``jrt_rnn``     BaseConv, PLA (non-causal over the prefix), ...  same as ``based`` (PLA decodes from ``(S, z)``)
-``mamba``       ``transformers.MambaForCausalLM``                per layer ``d_inner * (d_state + k - 1) * 4``
-==============  ===============================================  =============================================
+===================  ==========================================  ==============================================
+``arch``             layers (``num_layers`` blocks)               recurrent state (``state_size_bytes``)
+===================  ==========================================  ==============================================
+``attention``        conv, causal softmax attention, ...          KV cache ``T * (2 * d * 4 + 8)`` bytes per
+                                                                  attention layer, plus the convs
+``based``            conv, Based (causal linear attention), ...   per Based layer ``H * (Dv * D + D) * 4``; per
+                                                                  conv ``(k - 1) * C * 4`` (``C = 2d`` for the
+                                                                  library's BaseConv, ``d`` for the authors')
+``based_noncausal``  centred conv, non-causal Based, ...          same as ``based`` (the state after reading)
+``jrt_rnn``          conv, PLA (non-causal over the prefix), ...  same as ``based`` (PLA decodes from ``(S, z)``)
+``mamba``            ``transformers.MambaForCausalLM``            per layer ``d_inner * (d_state + k - 1) * 4``
+===================  ==========================================  ==============================================
 
 ``D = 1 + f + f^2`` is the Taylor feature dimension, ``Dv = d / H`` the value head dim, ``T`` the sequence
 length, float32 everywhere. JRT-Prompt is not a separate model: it is ``based`` fed the read-twice input.
+``ModelSpec.style`` picks the library's blocks (BaseConv, SwiGLU MLP) or the authors' (their conv form, no MLP,
+embedding dropout 0.1).
 """
 
 from __future__ import annotations
