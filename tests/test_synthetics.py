@@ -558,3 +558,23 @@ def test_grid_on_a_local_ray_instance(tmp_path):
     results = run_grid(grid, tmp_path / "r.jsonl", ray_address="local", threads=1, progress=False, log=None)
     assert [r["run_id"] for r in results] == [c.run_id() for c in grid]
     assert len(load_results(tmp_path / "r.jsonl")) == 2
+
+
+def test_cli_estimate_times_each_distinct_model_once(tmp_path, monkeypatch, capsys):
+    import jrt.synthetics.cli as C
+    from jrt.cli import main
+
+    sd = SDTask(pairs=((2, 3), (2, 5)), test_pairs=((2, 3),), vocab_size=24)
+    spec = ModelSpec.authors("based", 16, 2)
+    grid = [RunConfig("sd", "based", sd, spec, TrainSpec.authors(lr, 50, num_train=8, num_test=8), seed)
+            for lr in (1e-4, 5e-4) for seed in (0, 1)]
+    monkeypatch.setattr(C, "reproduce_grid", lambda name: grid)
+    assert main(["reproduce", "--estimate", "--out", str(tmp_path)]) == 0
+    est = json.loads((tmp_path / "estimate.json").read_text())
+    assert len(est["shapes"]) == 1 and est["shapes"][0]["runs"] == 4 and est["runs"] == 4
+    shape = est["shapes"][0]
+    assert [p["seq_len"] for p in shape["pools"]] == [8, 10]
+    assert all(p["flops"] > 0 and p["ops"] > 0 and p["seconds"] > 0 for p in shape["pools"])
+    assert est["hours"] == pytest.approx(4 * 50 * shape["seconds_per_step"] / 3600)
+    assert "cpu hours" in capsys.readouterr().out
+    assert not (tmp_path / "results.jsonl").exists()  # nothing trained

@@ -67,15 +67,16 @@ def measure_steps(cfg: RunConfig, *, device: str = "cpu", steps: int = 2, count:
     out = []
     for pool in pools:
         batch = pool.to(dev)
-        _step(model, opt, batch)  # warm-up (first-call setup, AdamW state)
         flops = ops = None
-        if count:  # two separate steps: the modes must not see each other's operator calls
+        if count:  # the warm-up step counts FLOPs; a 2-row step counts operator calls (independent of the batch)
             flop_mode, counter = FlopCounterMode(display=False), _OpCounter()
             with flop_mode:
                 _step(model, opt, batch)
             with counter:
-                _step(model, opt, batch)
+                _step(model, opt, pool.slice(0, 2).to(dev))
             flops, ops = int(flop_mode.get_total_flops()), counter.count
+        else:
+            _step(model, opt, batch)  # warm-up (first-call setup, AdamW state)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0, c0 = time.perf_counter(), time.process_time()
