@@ -193,10 +193,10 @@ def checks(mqar: Sequence[dict[str, Any]], sd: Sequence[dict[str, Any]]) -> list
         hs, ns, hl, nl = r["short_first_hits"], r["short_first_n"], r["long_first_hits"], r["long_first_n"]
         lo, hi = newcombe(hs, ns, hl, nl)
         short, long = 100 * hs / max(1, ns), 100 * hl / max(1, nl)
-        if kind == "gap":
-            verdict = _verdict_better(lo, hi)
-        elif min(short, long) < LEARNED_MIN:
+        if min(short, long) < LEARNED_MIN:
             verdict = "inconclusive"
+        elif kind == "gap":
+            verdict = _verdict_better(lo, hi)
         else:
             verdict = "held" if -NO_GAP_MARGIN < 100 * lo and 100 * hi < NO_GAP_MARGIN else "not shown"
         out.append({
@@ -212,8 +212,9 @@ def checks(mqar: Sequence[dict[str, Any]], sd: Sequence[dict[str, Any]]) -> list
 VERDICT_RULES = (
     f"A claim that one number exceeds another *held* when the 95% interval of the difference is above 0, is "
     f"*reversed* when it is below 0 and *not shown* otherwise. A \"no order gap\" claim held when the interval "
-    f"of the gap lies within +-{NO_GAP_MARGIN:g} points, and is *inconclusive* when the model is below "
-    f"{LEARNED_MIN:g}% in either order (a model that has not learned the task shows no gap either). Intervals "
+    f"of the gap lies within +-{NO_GAP_MARGIN:g} points. An SD claim is *inconclusive* when the model is below "
+    f"{LEARNED_MIN:g}% in either order: a model without a memory of A can still guess among the tokens of B, "
+    "which scores about 1/|B| and so favours the long set first (B short) whatever the architecture. Intervals "
     "are over the test examples of the selected runs (Wilson / Newcombe), MQAR queries counted one by one."
 )
 
