@@ -30,11 +30,15 @@ def config(**fields) -> JRTConfig:
                         "num_hidden_layers": 1, "swa_window": 5, "max_prefix_length": 1024, **fields})
 
 
+#: The mixers that continue a sequence token by token (the lab's non-causal ones read a whole input at once).
+CAUSAL = sorted(name for name, cls in MIXERS.items() if getattr(cls, "causal", True))
+
+
 def make(name: str) -> torch.nn.Module:
     return MIXERS[name](config(), 0).double()
 
 
-@pytest.mark.parametrize("name", sorted(MIXERS))
+@pytest.mark.parametrize("name", CAUSAL)
 def test_prefill_then_steps_equals_one_pass(name):
     layer = make(name)
     x = torch.randn(2, 20, D, dtype=torch.float64)
@@ -50,7 +54,7 @@ def test_prefill_then_steps_equals_one_pass(name):
     assert rel_err(torch.cat(outs, 1), full) < 1e-10
 
 
-@pytest.mark.parametrize("name", sorted(MIXERS))
+@pytest.mark.parametrize("name", CAUSAL)
 def test_left_padding_is_invisible(name):
     layer = make(name)
     x = torch.randn(2, 12, D, dtype=torch.float64)

@@ -1,4 +1,5 @@
-"""The synthetic recall lab: generator invariants, configs, lab models, trainer, grid resume, report, CLI."""
+"""The synthetic recall lab: generator statistics, the mixed-order protocol, configs, lab mixers and models, the
+shared optimiser schedule, trainer, grid resume, report, CLI."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import torch
 
 from jrt.synthetics import data as D
 from jrt.synthetics.config import ModelSpec, MQARTask, RunConfig, SDTask, TrainSpec
-from jrt.synthetics.train import append_result, load_results, lr_at, run_grid, train_run
+from jrt.synthetics.train import append_result, epoch_batches, load_results, run_grid, train_run
 
 # --------------------------------------------------------------------------------------------------
-# SD generator
+# SD generator: the authors' distribution
 # --------------------------------------------------------------------------------------------------
 
 
@@ -22,47 +23,66 @@ def _sd_sets(ids: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Ten
     return ids[:, 1 : 1 + n], ids[:, 2 + n : 2 + n + m]
 
 
-@pytest.mark.parametrize("vocab", ["shared", "halves"])
-@pytest.mark.parametrize("order", ["short_first", "long_first"])
-def test_sd_exactly_one_shared_element(vocab, order):
-    short, long, v = 3, 9, 40
-    batch = D.make_sd(300, short, long, v, order=order, vocab=vocab, seed=1)
-    n, m = (short, long) if order == "short_first" else (long, short)
-    assert batch.input_ids.shape == (300, D.sd_seq_len(short, long))
+@pytest.mark.parametrize("first, second", [(3, 9), (9, 3)])
+def test_sd_exactly_one_shared_element_from_a_in_b(first, second):
+    v = 40
+    batch = D.make_sd(300, first, second, v, seed=1)
+    assert batch.input_ids.shape == (300, D.sd_seq_len(first, second))
     ids = batch.input_ids
-    assert (ids[:, 0] == D.SEP_A).all() and (ids[:, 1 + n] == D.SEP_B).all() and (ids[:, -1] == D.SEP_QUERY).all()
-    a, b = _sd_sets(ids, n, m)
+    assert (ids[:, 0] == D.SEP_A).all() and (ids[:, 1 + first] == D.SEP_B).all()
+    assert (ids[:, -1] == D.SEP_QUERY).all()
+    a, b = _sd_sets(ids, first, second)
     assert (a >= D.NUM_SPECIAL).all() and (b >= D.NUM_SPECIAL).all() and (ids < v).all()
     for row in range(300):
         sa, sb = set(a[row].tolist()), set(b[row].tolist())
-        assert len(sa) == n and len(sb) == m  # no repeats inside a set
+        assert len(sa) == first and len(sb) == second  # no repeats inside a set
         shared = sa & sb
         assert len(shared) == 1
-        assert batch.labels[row, -1].item() == shared.pop()
-    if vocab == "halves":
-        half = (v - D.NUM_SPECIAL) // 2
-        assert (a < D.NUM_SPECIAL + half).all()
-        answer = batch.labels[:, -1:]
-        assert ((b >= D.NUM_SPECIAL + half) | (b == answer)).all()
+        assert batch.labels[row, -1].item() == shared.pop()  # the answer is A's element that sits in B
 
 
-def test_sd_labels_only_at_the_query_and_prefix_covers_the_sets():
-    batch = D.make_sd(64, 4, 8, 60, seed=0)
+def test_sd_generator_statistics_match_the_authors_distribution():
+    """On 4,000 examples: a fresh permutation per example, so every content id is equally likely in A and in
+    B (no fixed halves), the answer is uniform over A's positions and over B's positions, and the loss is taken
+    at the final position only."""
+    n, m, v, num = 4, 12, 68, 4000
+    batch = D.make_sd(num, n, m, v, seed=5)
+    a, b = _sd_sets(batch.input_ids, n, m)
+    answer = batch.labels[:, -1]
+    content = v - D.NUM_SPECIAL
+    # every content id appears in A with frequency num * n / content (chi-square against uniform)
+    for sets, size in ((a, n), (b, m)):
+        counts = torch.bincount(sets.flatten() - D.NUM_SPECIAL, minlength=content).double()
+        expected = num * size / content
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < content + 5 * math.sqrt(2 * content)  # df = content - 1: far below a fixed-halves split
+    # the lower half of the vocabulary is in A about half the time (fixed halves would give 100%)
+    low = (a < D.NUM_SPECIAL + content // 2).double().mean().item()
+    assert abs(low - 0.5) < 0.03
+    # the answer's position: uniform over A's n slots and over B's m slots
+    pos_a = (a == answer[:, None]).double().argmax(dim=1)
+    pos_b = (b == answer[:, None]).double().argmax(dim=1)
+    for pos, k in ((pos_a, n), (pos_b, m)):
+        freq = torch.bincount(pos.long(), minlength=k).double() / num
+        assert (freq - 1.0 / k).abs().max() < 4 * math.sqrt((1 / k) * (1 - 1 / k) / num) + 0.01
+    # loss only at the final position
     labelled = batch.labels != D.IGNORE_INDEX
-    assert labelled[:, -1].all() and labelled.sum() == 64
-    assert (batch.prefix_lengths == batch.seq_len - 1).all()
+    assert labelled[:, -1].all() and int(labelled.sum()) == num
+    # fresh permutation per example: the sets of consecutive examples are unrelated
+    overlap = torch.tensor([len(set(a[i].tolist()) & set(a[i + 1].tolist())) for i in range(500)]).double()
+    assert overlap.mean().item() < 3 * n * n / content
 
 
-@pytest.mark.parametrize("order", ["short_first", "long_first"])
-def test_sd_read_twice_repeats_exactly(order):
-    once = D.make_sd(50, 4, 8, 60, order=order, seed=7)
-    twice = D.make_sd(50, 4, 8, 60, order=order, read_twice=True, seed=7)
+def test_sd_read_twice_repeats_exactly():
+    once = D.make_sd(50, 4, 8, 60, seed=7)
+    twice = D.make_sd(50, 4, 8, 60, read_twice=True, seed=7)
     body = once.seq_len - 1
     assert twice.seq_len == D.sd_seq_len(4, 8, read_twice=True) == 2 * body + 1
     assert torch.equal(twice.input_ids[:, :body], once.input_ids[:, :body])
     assert torch.equal(twice.input_ids[:, body : 2 * body], once.input_ids[:, :body])
     assert torch.equal(twice.labels[:, -1], once.labels[:, -1])
     assert (twice.labels[:, :-1] == D.IGNORE_INDEX).all()
+    assert (twice.prefix_lengths == twice.seq_len - 1).all()
 
 
 def test_sd_deterministic_per_seed():
@@ -73,15 +93,53 @@ def test_sd_deterministic_per_seed():
     assert not torch.equal(a.input_ids, c.input_ids)
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.25, 1.0])
+def test_mixed_order_pools_hold_both_orders_in_the_requested_proportion(fraction):
+    task = SDTask(pairs=((4, 12), (2, 6)), test_pairs=((4, 12),), short_first=fraction, vocab_size=68)
+    pools = task.train_pools(400, seed=0)
+    for pool, (short, long) in zip(pools, task.pairs):
+        first = D.sd_first_sizes(pool.input_ids)
+        assert set(first.unique().tolist()) <= {short, long}
+        assert int((first == short).sum()) == round(fraction * 400)
+    gen = torch.Generator().manual_seed(0)
+    batches = epoch_batches(pools, 64, gen)
+    assert sum(len(rows) for _, rows in batches) == 800  # one epoch: every example once
+    if 0 < fraction < 1:  # each batch of 64 mixes the orders (rows shuffled within the pool)
+        shares = [float((D.sd_first_sizes(pools[i].input_ids[rows]) == task.pairs[i][0]).double().mean())
+                  for i, rows in batches if len(rows) == 64]
+        assert abs(sum(shares) / len(shares) - fraction) < 0.03
+        assert all(0 < s < 1 for s in shares)
+
+
+def test_longer_test_pairs_never_appear_in_training():
+    task = SDTask(pairs=((4, 12), (2, 8)), test_pairs=((4, 12), (4, 24), (8, 24)), vocab_size=68)
+    train_lengths = {p.seq_len for p in task.train_pools(64, seed=0)}
+    train_sizes = {(int(x), p.seq_len - 3 - int(x)) for p in task.train_pools(64, seed=0)
+                   for x in D.sd_first_sizes(p.input_ids)}
+    assert train_sizes == {(4, 12), (12, 4), (2, 8), (8, 2)}
+    groups = task.test_groups(16, seed=1)
+    assert len(groups) == 6 and {g["order"] for g, _ in groups} == {"short_first", "long_first"}
+    for meta, batch in groups:
+        seen = tuple(meta["pair"]) in task.pairs
+        assert meta["seen"] == seen
+        if not seen:  # longer than anything trained: its length and set sizes never occur in training
+            assert batch.seq_len not in train_lengths and batch.seq_len > max(train_lengths)
+            first = int(D.sd_first_sizes(batch.input_ids)[0])
+            assert (first, batch.seq_len - 3 - first) not in train_sizes
+        first = int(D.sd_first_sizes(batch.input_ids)[0])
+        assert first == (meta["pair"][0] if meta["order"] == "short_first" else meta["pair"][1])
+    assert task.seq_len == D.sd_seq_len(8, 24)
+
+
 def test_sd_bad_configs_are_clear():
+    with pytest.raises(ValueError, match="halves"):
+        D.make_sd(4, 4, 40, 60)
     with pytest.raises(ValueError, match="larger than half"):
-        D.make_sd(4, 4, 30, 60)
-    with pytest.raises(ValueError, match="larger than half"):
-        SDTask(short_size=4, long_size=40, vocab_size=60)
-    with pytest.raises(ValueError, match="must not exceed"):
-        D.make_sd(4, 8, 4, 60)
-    with pytest.raises(ValueError, match="order"):
-        D.make_sd(4, 2, 4, 60, order="sideways")
+        SDTask(pairs=((4, 40),), test_pairs=((4, 40),), vocab_size=60)
+    with pytest.raises(ValueError, match="short, long"):
+        SDTask(pairs=((8, 4),), vocab_size=60)
+    with pytest.raises(ValueError, match="short_first"):
+        SDTask(short_first=1.5)
     with pytest.raises(ValueError, match="positive"):
         D.make_sd(0, 2, 4, 60)
 
@@ -143,73 +201,154 @@ def test_mqar_bad_configs_are_clear():
 
 # --------------------------------------------------------------------------------------------------
 # configs, schedule
+
+
+# --------------------------------------------------------------------------------------------------
+# configs, the shared schedule
 # --------------------------------------------------------------------------------------------------
 
 
 def test_run_config_round_trip_and_stable_id():
-    cfg = RunConfig("mqar", "based_twice", MQARTask(read_twice=True), ModelSpec(arch="based"), TrainSpec(), 3)
-    back = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
-    assert back == cfg and back.run_id() == cfg.run_id()
-    other = RunConfig("mqar", "based_twice", MQARTask(read_twice=True), ModelSpec(arch="based"), TrainSpec(), 4)
-    assert other.run_id() != cfg.run_id()
+    sd = SDTask(pairs=((4, 16), (8, 32)), test_pairs=((4, 64),), read_twice=True)
+    for task, spec, train in ((MQARTask(read_twice=True), ModelSpec(arch="based"), TrainSpec()),
+                              (sd, ModelSpec.authors("based_noncausal", 36, 4), TrainSpec.authors(5e-4, 100))):
+        cfg = RunConfig("mqar" if isinstance(task, MQARTask) else "sd", "m", task, spec, train, 3)
+        back = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+        assert back == cfg and back.run_id() == cfg.run_id()
+        assert RunConfig(cfg.experiment, "m", task, spec, train, 4).run_id() != cfg.run_id()
     with pytest.raises(ValueError, match="arch"):
         ModelSpec(arch="lstm")
     with pytest.raises(ValueError, match="experiment"):
         RunConfig("xyz", "based", SDTask(), ModelSpec())
 
 
-def test_lr_schedule_warmup_then_cosine():
-    kw = {"lr": 1.0, "warmup_steps": 10, "max_steps": 110, "min_lr_ratio": 0.1}
-    assert lr_at(0, **kw) == pytest.approx(0.1)
-    assert lr_at(9, **kw) == pytest.approx(1.0)
-    assert lr_at(10, **kw) == pytest.approx(1.0)
-    assert lr_at(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert lr_at(110, **kw) == pytest.approx(0.1)
-    values = [lr_at(s, **kw) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+def test_one_schedule_for_both_trainers():
+    from jrt.training.optim import WarmupCosineSchedule
+
+    s = WarmupCosineSchedule(None, lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert s.lr_at(0) == pytest.approx(0.0) and s.lr_at(10) == pytest.approx(1.0)
+    assert s.lr_at(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert s.lr_at(110) == pytest.approx(0.1)
+    # the authors' schedule: CosineAnnealingLR(T_max=epochs, eta_min=0) stepped once per epoch
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=8e-4)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6, eta_min=0.0)
+    per_epoch = WarmupCosineSchedule(None, lr=8e-4, min_lr=0.0, warmup_steps=0, max_steps=6 * 7, steps_per_epoch=7)
+    for epoch in range(6):
+        for step in range(epoch * 7, epoch * 7 + 7):
+            assert per_epoch.lr_at(step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
+        opt.step()
+        ref.step()
 
 
 # --------------------------------------------------------------------------------------------------
-# lab models
+# lab mixers and models
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["attention", "based", "jrt_rnn", "mamba"])
+def _jrt_config(**kw):
+    from jrt.models import JRTConfig
+
+    return JRTConfig(**{"vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "feature_dim": 4, "mixers": ["gated_conv", "based_noncausal"], "use_cache": False,
+                        "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "mask_token_id": None, **kw})
+
+
+def test_non_causal_linear_attention_final_output_is_invariant_to_permuting_the_tokens_before_it():
+    from jrt.layers import NonCausalBasedLinearAttention
+
+    torch.manual_seed(0)
+    layer = NonCausalBasedLinearAttention(_jrt_config(), 1).double()
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    perm = torch.randperm(10)
+    shuffled = torch.cat([x[:, perm], x[:, 10:]], dim=1)
+    out, out_shuffled = layer(x), layer(shuffled)
+    assert torch.allclose(out[:, -1], out_shuffled[:, -1], rtol=1e-12, atol=1e-13)
+    assert torch.allclose(out[:, perm], out_shuffled[:, :10], rtol=1e-12, atol=1e-13)  # every output permutes
+    # against a plain reference: softmax-free attention with the Taylor kernel over all tokens
+    q = layer.proj_q(x).unflatten(-1, (2, 4))
+    k = layer.proj_k(x).unflatten(-1, (2, 4))
+    v = layer.proj_v(x).unflatten(-1, (2, 8))
+    s = torch.einsum("bihf,bjhf->bhij", q, k) / 2.0  # q.k / sqrt(F)
+    w = 1 + s + s * s / 2
+    ref = torch.einsum("bhij,bjhe->bihe", w / (w.sum(-1, keepdim=True) + layer.eps), v)
+    assert torch.allclose(out, layer.out_proj(ref.flatten(-2)), rtol=1e-10, atol=1e-12)
+    # padding is excluded: a padded position changes nothing for the real ones
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[:, 0] = 0
+    padded = torch.cat([torch.randn(3, 1, 16, dtype=torch.float64), x], dim=1)
+    assert torch.allclose(layer(padded, mask)[:, 1:], out, rtol=1e-10, atol=1e-12)
+
+
+def test_authors_conv_form_causal_and_centred():
+    from jrt.layers import GatedShortConv, NonCausalGatedShortConv
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    for cls, pad in ((GatedShortConv, (2, 0)), (NonCausalGatedShortConv, (1, 1))):
+        layer = cls(_jrt_config(), 0).double()
+        ref = torch.nn.functional.conv1d(torch.nn.functional.pad(x.transpose(1, 2), pad), layer.conv.weight,
+                                         layer.conv.bias, groups=16).transpose(1, 2)
+        assert torch.allclose(layer(x), ref * layer.proj(x) + x, rtol=1e-12, atol=1e-12)
+        assert layer.state_size_bytes(1) == 16 * 2 * 4
+    causal = GatedShortConv(_jrt_config(), 0).double()
+    changed = x.clone()
+    changed[:, 5] += 1
+    assert torch.equal(causal(x)[:, :5], causal(changed)[:, :5])
+
+
+@pytest.mark.parametrize("arch", ["attention", "based", "based_noncausal", "jrt_rnn", "mamba"])
 def test_lab_models_forward_and_state(arch):
-    from jrt.synthetics.models import build_model
+    from jrt.synthetics.models import build_lab_model
 
     spec = ModelSpec(arch=arch, d_model=16, num_layers=2, num_heads=2, feature_dim=4, d_state=4)
-    model = build_model(spec, vocab_size=40, seq_len=23)
+    model = build_lab_model(spec, vocab_size=40, seq_len=23)
     batch = D.make_sd(3, 4, 16, 40, seed=0)
     logits = model(batch.input_ids, prefix_lengths=batch.prefix_lengths)
     assert logits.shape == (3, 23, 40) and torch.isfinite(logits).all()
     state = model.state_size_bytes()
+    d_feat = 1 + 4 + 16
+    la = 2 * (8 * d_feat + d_feat) * 4  # H * (Dv * D + D) float32
     if arch in ("based", "jrt_rnn"):
-        d_feat = 1 + 4 + 16
-        pla = 2 * (8 * d_feat + d_feat) * 4  # H * (Dv * D + D) float32
-        conv = (3 - 1) * 2 * 16 * 4  # (kernel - 1) * expand * d float32 (the convolved branch)
-        assert state == pla + conv
+        assert state == la + (3 - 1) * 2 * 16 * 4  # + BaseConv: (kernel - 1) * expand * d float32
         assert model.state_size_bytes(1000) == state  # constant in the length
+    elif arch == "based_noncausal":
+        assert state == la + (3 - 1) * 16 * 4  # + the authors' conv: (kernel - 1) * d
     elif arch == "attention":
-        # the KV cache grows with the length: 23 more slots x (K and V float32 + int64 position)
         assert model.state_size_bytes(46) - state == 23 * (2 * 16 * 4 + 8)
     else:
         assert state == 2 * (32 * 4 + 32 * 3) * 4
 
 
+def test_authors_spec_has_no_mlp_two_heads_and_embedding_dropout():
+    from jrt.synthetics.models import build_lab_model
+
+    model = build_lab_model(ModelSpec.authors("based", 36, 4), vocab_size=2048, seq_len=100)
+    cfg = model.inner.config
+    assert cfg.num_attention_heads == 2 and not cfg.use_mlp and cfg.embedding_dropout == 0.1
+    assert cfg.mixers == ["gated_conv", "based", "gated_conv", "based"]
+    assert all(block.mlp is None for block in model.inner.model.layers)
+    # the authors' count for d 36, f 4: 2 Based layers of H (Dv D + D), D = 21, Dv = 18, plus 2 convs
+    assert model.state_size_bytes() == 2 * 2 * (18 * 21 + 21) * 4 + 2 * 36 * 2 * 4
+    model.train()
+    ids = torch.randint(4, 2048, (2, 10))
+    assert not torch.equal(model(ids), model(ids))  # dropout on in training
+    model.eval()
+    assert torch.equal(model(ids), model(ids))
+
+
 def test_jrt_rnn_reads_the_prefix_non_causally():
     """With the prefix covering the sets, the first position already depends on a later prefix token."""
-    from jrt.synthetics.models import build_model
+    from jrt.synthetics.models import build_lab_model
 
     torch.manual_seed(0)
-    model = build_model(ModelSpec(arch="jrt_rnn", d_model=16, num_layers=2, feature_dim=4), 40, 23).eval()
+    model = build_lab_model(ModelSpec(arch="jrt_rnn", d_model=16, num_layers=2, feature_dim=4), 40, 23).eval()
     batch = D.make_sd(1, 4, 16, 40, seed=0)
     changed = batch.input_ids.clone()
     changed[0, 10] = 39 if changed[0, 10] != 39 else 38
     out_a = model(batch.input_ids, batch.prefix_lengths)
     out_b = model(changed, batch.prefix_lengths)
     assert (out_a[0, 0] - out_b[0, 0]).abs().max() > 1e-6
-    causal = build_model(ModelSpec(arch="based", d_model=16, num_layers=2, feature_dim=4), 40, 23).eval()
+    causal = build_lab_model(ModelSpec(arch="based", d_model=16, num_layers=2, feature_dim=4), 40, 23).eval()
     assert torch.allclose(causal(batch.input_ids)[0, :10], causal(changed)[0, :10])
 
 
@@ -223,7 +362,7 @@ def _tiny_run(seed: int = 0, **train) -> RunConfig:
     spec = TrainSpec(**{"lr": 1e-2, "batch_size": 16, "max_steps": 400, "warmup_steps": warmup, "eval_every": 25,
                         "patience": 100, "num_train": 16, "num_valid": 16, "num_test": 16, "overfit": True,
                         "target_acc": 1.0, **train})
-    return RunConfig("sd", "based", SDTask(short_size=2, long_size=3, vocab_size=24),
+    return RunConfig("sd", "based", SDTask(pairs=((2, 3),), test_pairs=((2, 3),), short_first=1.0, vocab_size=24),
                      ModelSpec(arch="based", d_model=32, num_layers=2, feature_dim=4), spec, seed)
 
 
@@ -266,59 +405,124 @@ def test_interrupted_grid_resumes_and_skips_finished_runs(tmp_path, monkeypatch)
     assert len(load_results(path)) == 3
 
 
-def test_report_files(tmp_path):
+def test_intervals():
+    from jrt.synthetics.report import newcombe, wilson
+
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0)
+    lo, hi = newcombe(56, 70, 48, 80)  # Newcombe (1998), example: 0.2 with [0.0524, 0.3339]
+    assert lo == pytest.approx(0.0524, abs=1e-3) and hi == pytest.approx(0.3339, abs=1e-3)
+
+
+def _sd_fake(model: str, lr: float, seed: int, short: float, long: float, state: int = 1000) -> dict:
+    cfg = RunConfig("sd", model, SDTask(), ModelSpec(), TrainSpec(lr=lr), seed)
+    r = _fake_result(cfg)
+    groups = [{"pair": [4, 16], "order": o, "seen": True, "hits": int(a * 1000), "n": 1000, "accuracy": a}
+              for o, a in (("short_first", short), ("long_first", long))]
+    r.update(groups=groups, lr=lr, seed=seed, state_bytes=state, run_id=f"{model}{lr}{seed}{state}")
+    return r
+
+
+def test_report_selects_runs_both_ways_and_judges_from_the_numbers(tmp_path):
     from jrt.synthetics.report import write_report
 
-    results = []
-    for state, (s_acc, l_acc, t_acc) in ((100, (0.9, 0.5, 0.88)), (400, (1.0, 0.95, 1.0))):
-        base = RunConfig("sd", "based", SDTask(), ModelSpec(arch="based"))
-        for order, acc in (("short_first", s_acc), ("long_first", l_acc), ("twice", t_acc)):
-            r = _fake_result(base, acc)
-            r.update(order=order, state_bytes=state, run_id=f"{state}{order}")
-            results.append(r)
-    for model, acc in (("based", 0.4), ("jrt_rnn", 0.7)):
-        r = _fake_result(RunConfig("mqar", model, MQARTask(), ModelSpec(arch="based")), acc)
-        r["run_id"] = model
-        results.append(r)
+    results = [
+        _sd_fake("based", 1e-4, 0, 0.30, 0.10), _sd_fake("based", 5e-4, 0, 0.90, 0.60),
+        _sd_fake("based", 5e-4, 1, 0.80, 0.70), _sd_fake("based", 8e-4, 0, 0.20, 0.95),
+        _sd_fake("jrt_rnn", 5e-4, 0, 0.91, 0.90), _sd_fake("based_noncausal", 5e-4, 0, 0.30, 0.31),
+    ]
     summary = write_report(results, tmp_path, wall_seconds=12.0)
-    saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["sd"][0].keys() >= {"model", "order", "state_bytes", "accuracy"}
-    assert {r["order"] for r in saved["sd"]} == {"short_first", "long_first", "twice"}
-    assert saved["mqar"][0].keys() >= {"model", "state_bytes", "accuracy"}
-    claims = {c["claim"].split(":")[0]: c for c in summary["checks"]}
-    gap = next(c for c in summary["checks"] if "short-first - long-first" in c["claim"] and "Based" in c["claim"])
-    assert gap["measured"] == pytest.approx(40.0) and gap["holds"]
-    assert any("MQAR" in k for k in claims)
+    row = next(r for r in summary["sd"] if r["model"] == "based")
+    # fixed: lr 5e-4 has the best seed-mean of both orders (0.75) -> its two seeds averaged in every panel
+    assert row["lr"] == 5e-4 and row["fixed_short_first"] == pytest.approx(85.0)
+    assert row["fixed_difference"] == pytest.approx(20.0)
+    # best per panel (the authors'): each panel its own best run
+    assert row["best_short_first"] == pytest.approx(90.0) and row["best_long_first"] == pytest.approx(95.0)
+    assert row["best_difference"] == pytest.approx(30.0)
+    verdicts = {c["claim"].split(": ", 1)[1]: c["verdict"] for c in summary["checks"]}
+    assert verdicts["causal Based is more accurate with the short set first"] == "held"
+    assert verdicts["JRT-RNN shows no order gap"] == "held"
+    assert verdicts["non-causal Based shows no order gap"] == "inconclusive"
     report = (tmp_path / "report.md").read_text()
-    assert "![SD](sd_order.png)" in report and "| based | 100 |" in report
-    for png in ("sd_order.png", "mqar.png"):
+    assert "**held**" in report and "short first 85.0 %, long first 65.0 %" in report
+    for png in ("sd_panels.png",):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_reproduce_runs_a_grid_and_resumes(tmp_path, monkeypatch, capsys):
+def test_tiny_grid_end_to_end_report_verdicts_come_from_its_results(tmp_path, monkeypatch, capsys):
     import jrt.synthetics.cli as C
     from jrt.cli import main
 
-    grid = [_tiny_run(max_steps=3, eval_every=3),
-            RunConfig("mqar", "jrt_rnn", MQARTask(num_pairs=2, seq_len_single=8, vocab_size=24),
-                      ModelSpec(arch="jrt_rnn", d_model=16, num_layers=2, feature_dim=2),
-                      TrainSpec(max_steps=3, eval_every=3, warmup_steps=1, num_train=8, num_valid=8, num_test=8))]
+    sd = SDTask(pairs=((2, 3),), test_pairs=((2, 3), (2, 5)), vocab_size=24)
+    tr = TrainSpec.authors(lr=5e-3, max_steps=4, num_train=16, num_test=8)
+    mq = MQARTask(num_pairs=2, seq_len_single=8, vocab_size=24)
+    mtr = TrainSpec(max_steps=3, eval_every=3, warmup_steps=1, num_train=8, num_valid=8, num_test=8)
+    grid = [RunConfig("mqar", "based", mq, ModelSpec(d_model=16, num_layers=2, feature_dim=2), mtr),
+            RunConfig("mqar", "based_twice", MQARTask(num_pairs=2, seq_len_single=8, vocab_size=24, read_twice=True),
+                      ModelSpec(d_model=16, num_layers=2, feature_dim=2), mtr),
+            RunConfig("sd", "based", sd, ModelSpec.authors("based", 16, 2), tr),
+            RunConfig("sd", "based_noncausal", sd, ModelSpec.authors("based_noncausal", 16, 2), tr)]
     monkeypatch.setattr(C, "reproduce_grid", lambda name: grid)
     out = tmp_path / "out"
     assert main(["reproduce", "--out", str(out), "--workers", "1", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "Set disjointness" in text and "MQAR" in text
+    results = load_results(out / "results.jsonl")
+    assert len(results) == 4
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["sd"]) == 1 and len(summary["mqar"]) == 1 and summary["runs"] == 2
+    report = (out / "report.md").read_text()
+    from jrt.synthetics.report import newcombe
+
+    # every verdict line of the report is recomputed here from the run's own results
+    by = {(r["experiment"], r["model"]): r for r in results}
+    for check in summary["checks"]:
+        assert f"| {check['claim']} | {check['measured']} | **{check['verdict']}** |" in report
+        if check["experiment"] == "mqar":
+            a, b = by[("mqar", "based_twice")]["groups"][0], by[("mqar", "based")]["groups"][0]
+            lo, hi = newcombe(a["hits"], a["n"], b["hits"], b["n"])
+        else:
+            groups = by[("sd", "based" if "causal Based is" in check["claim"] else "based_noncausal")]["groups"]
+            hs = sum(g["hits"] for g in groups if g["order"] == "short_first")
+            hl = sum(g["hits"] for g in groups if g["order"] == "long_first")
+            n = sum(g["n"] for g in groups if g["order"] == "short_first")
+            lo, hi = newcombe(hs, n, hl, n)
+        assert check["ci"] == [round(100 * lo, 2), round(100 * hi, 2)]
+    assert {c["experiment"] for c in summary["checks"]} == {"mqar", "sd"}
+    assert (out / "sd_panels.png").exists() and (out / "mqar.png").exists()
+    # resume: nothing is trained again
     assert main(["reproduce", "--out", str(out), "--workers", "1", "--no-progress"]) == 0
-    assert "resuming: 2 of 2" in capsys.readouterr().out
-    assert len(load_results(out / "results.jsonl")) == 2
+    assert "resuming: 4 of 4" in capsys.readouterr().out
     assert main(["reproduce", "--out", str(out), "--report-only"]) == 0
     capsys.readouterr()
     assert main(["reproduce", "--out", str(out), "--workers", "1", "--no-progress", "--only", "mqar",
-                 "--max-steps", "2"]) == 0  # other steps: a new run, the finished ones untouched
+                 "--max-steps", "2"]) == 0  # other steps: new runs, the finished ones untouched
     assert "resuming" not in capsys.readouterr().out
-    assert len(load_results(out / "results.jsonl")) == 3
+    assert len(load_results(out / "results.jsonl")) == 6
+
+
+def test_grids_match_the_authors_protocol():
+    from jrt.synthetics.grids import FULL, QUICK, reproduce_grid, sd_grid, sd_steps
+
+    assert sd_steps(FULL) == 48 * 6 * math.ceil(40000 / 128)  # 48 epochs of 12 x 20,000 examples at batch 128
+    full_sd = sd_grid(FULL)
+    assert len(full_sd) == 4 * 20 * 3 * 3  # models x (d, f) x lr x seeds
+    cfg = full_sd[0]
+    assert cfg.task.vocab_size == 2048 and len(cfg.task.pairs) * 2 == 12 and cfg.task.short_first == 0.5
+    assert cfg.model.num_heads == 2 and cfg.model.style == "authors"
+    assert cfg.train.betas == (0.9, 0.999) and cfg.train.schedule == "epoch_cosine" and cfg.train.min_lr_ratio == 0
+    assert {c.train.lr for c in full_sd} == {1e-4, 5e-4, 8e-4}
+    assert {(c.model.d_model, c.model.feature_dim) for c in full_sd} == {
+        (d, f) for d in (36, 48, 64, 96, 128) for f in (4, 8, 16, 24)}
+    quick = reproduce_grid("quick")
+    assert quick[0].experiment == "mqar"  # MQAR leads
+    for c in quick:
+        if c.experiment == "sd":
+            assert c.task.vocab_size - D.NUM_SPECIAL >= 4 * c.model.d_model
+            assert any(p not in c.task.pairs for p in c.task.test_pairs)
+    assert {c.model_name for c in quick if c.experiment == "sd"} == {"based", "based_twice", "based_noncausal",
+                                                                    "jrt_rnn"}
+    assert QUICK.sd_models and FULL.sd_models
 
 
 def test_cli_reproduce_user_errors(tmp_path, capsys):
@@ -354,3 +558,23 @@ def test_grid_on_a_local_ray_instance(tmp_path):
     results = run_grid(grid, tmp_path / "r.jsonl", ray_address="local", threads=1, progress=False, log=None)
     assert [r["run_id"] for r in results] == [c.run_id() for c in grid]
     assert len(load_results(tmp_path / "r.jsonl")) == 2
+
+
+def test_cli_estimate_times_each_distinct_model_once(tmp_path, monkeypatch, capsys):
+    import jrt.synthetics.cli as C
+    from jrt.cli import main
+
+    sd = SDTask(pairs=((2, 3), (2, 5)), test_pairs=((2, 3),), vocab_size=24)
+    spec = ModelSpec.authors("based", 16, 2)
+    grid = [RunConfig("sd", "based", sd, spec, TrainSpec.authors(lr, 50, num_train=8, num_test=8), seed)
+            for lr in (1e-4, 5e-4) for seed in (0, 1)]
+    monkeypatch.setattr(C, "reproduce_grid", lambda name: grid)
+    assert main(["reproduce", "--estimate", "--out", str(tmp_path)]) == 0
+    est = json.loads((tmp_path / "estimate.json").read_text())
+    assert len(est["shapes"]) == 1 and est["shapes"][0]["runs"] == 4 and est["runs"] == 4
+    shape = est["shapes"][0]
+    assert [p["seq_len"] for p in shape["pools"]] == [8, 10]
+    assert all(p["flops"] > 0 and p["ops"] > 0 and p["seconds"] > 0 for p in shape["pools"])
+    assert est["hours"] == pytest.approx(4 * 50 * shape["seconds_per_step"] / 3600)
+    assert "cpu hours" in capsys.readouterr().out
+    assert not (tmp_path / "results.jsonl").exists()  # nothing trained

@@ -21,11 +21,16 @@ Every sequence mixer has one interface, as Hugging Face layers do:
   embedding, and :class:`CausalAttention` (``"attention"``): the same over the whole past;
 - :class:`BaseConv` (``"base_conv"``): gated short depthwise convolution;
 - :class:`SwiGLU` MLP and :class:`RMSNorm` (``torch.nn.RMSNorm``).
+- the synthetic lab's mixers (:mod:`jrt.layers.lab`, the authors' synthetic models): :class:`GatedShortConv`
+  (``"gated_conv"``) and :class:`NonCausalGatedShortConv` (``"gated_conv_noncausal"``), the authors' BaseConv
+  form, and :class:`NonCausalBasedLinearAttention` (``"based_noncausal"``). The non-causal ones (``causal =
+  False``) read a whole input at once and cannot continue a sequence token by token.
 """
 
 from torch import nn
 
 from jrt.layers.conv import BaseConv, ConvState
+from jrt.layers.lab import GatedShortConv, NonCausalBasedLinearAttention, NonCausalGatedShortConv
 from jrt.layers.linear_attention import BasedLinearAttention, LinearAttentionState, PrefixLinearAttention
 from jrt.layers.mlp import RMSNorm, SwiGLU
 from jrt.layers.sliding_window import CausalAttention, KVCache, SlidingWindowAttention, SlidingWindowState
@@ -37,6 +42,9 @@ MIXERS: dict[str, type[nn.Module]] = {
     "based": BasedLinearAttention,
     "swa": SlidingWindowAttention,
     "attention": CausalAttention,
+    "gated_conv": GatedShortConv,
+    "gated_conv_noncausal": NonCausalGatedShortConv,
+    "based_noncausal": NonCausalBasedLinearAttention,
 }
 
 
@@ -58,8 +66,11 @@ __all__ = [
     "BasedLinearAttention",
     "CausalAttention",
     "ConvState",
+    "GatedShortConv",
     "KVCache",
     "LinearAttentionState",
+    "NonCausalBasedLinearAttention",
+    "NonCausalGatedShortConv",
     "PrefixLinearAttention",
     "RMSNorm",
     "SlidingWindowAttention",

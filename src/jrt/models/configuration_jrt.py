@@ -86,6 +86,8 @@ class JRTConfig(PretrainedConfig):
             CUDA, the chunked form elsewhere, the token loop for single tokens; the environment variable
             ``JRT_OPS_IMPL`` overrides ``"auto"``), ``"chunk"``, ``"reference"`` (quadratic: fewer kernel launches
             for short sequences), ``"recurrent"`` or ``"triton"``.
+        use_mlp: give every block a SwiGLU MLP (False: mixer-only blocks, as in the authors' synthetic models).
+        embedding_dropout: dropout on the token embeddings during training (0.1 in the authors' synthetics).
         tie_word_embeddings: share the embedding and LM-head matrices.
     """
 
@@ -111,6 +113,8 @@ class JRTConfig(PretrainedConfig):
         linear_attention_eps: float = 1e-12,
         residual_in_fp32: bool = True,
         ops_impl: str = "auto",
+        use_mlp: bool = True,
+        embedding_dropout: float = 0.0,
         use_cache: bool = True,
         tie_word_embeddings: bool = True,
         bos_token_id: int | None = 50256,
@@ -138,6 +142,8 @@ class JRTConfig(PretrainedConfig):
         self.linear_attention_eps = linear_attention_eps
         self.residual_in_fp32 = residual_in_fp32
         self.ops_impl = ops_impl
+        self.use_mlp = use_mlp
+        self.embedding_dropout = embedding_dropout
         self.use_cache = use_cache
         self.validate_jrt()
         super().__init__(
@@ -152,6 +158,8 @@ class JRTConfig(PretrainedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not 0.0 <= self.embedding_dropout < 1.0:
+            raise ValueError(f"embedding_dropout must be in [0, 1), got {self.embedding_dropout!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by "

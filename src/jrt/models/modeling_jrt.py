@@ -133,10 +133,12 @@ class JRTBlock(nn.Module):
         self.mixer_name = config.mixers[layer_idx]
         self.norm1 = RMSNorm(d, eps=config.rms_norm_eps)
         self.mixer = MIXERS[self.mixer_name](config, layer_idx)
-        self.norm2 = RMSNorm(d, eps=config.rms_norm_eps)
-        self.mlp = SwiGLU(d, config.intermediate_size)
-        self.mixer.out_proj._is_residual_output = True
-        self.mlp.fc2._is_residual_output = True
+        self.norm2 = RMSNorm(d, eps=config.rms_norm_eps) if config.use_mlp else None
+        self.mlp = SwiGLU(d, config.intermediate_size) if config.use_mlp else None
+        if hasattr(self.mixer, "out_proj"):
+            self.mixer.out_proj._is_residual_output = True
+        if self.mlp is not None:
+            self.mlp.fc2._is_residual_output = True
 
     def forward(
         self,
@@ -149,6 +151,8 @@ class JRTBlock(nn.Module):
         dtype = self.norm1.weight.dtype
         mixed = self.mixer(self.norm1(hidden_states.to(dtype)), attention_mask, prefix_lengths, state)
         hidden_states = hidden_states + mixed.to(hidden_states.dtype)
+        if self.mlp is None:
+            return hidden_states
         return hidden_states + self.mlp(self.norm2(hidden_states.to(dtype))).to(hidden_states.dtype)
 
 
@@ -211,6 +215,7 @@ class JRTModel(JRTPreTrainedModel):
     def __init__(self, config: JRTConfig) -> None:
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embedding_dropout = nn.Dropout(getattr(config, "embedding_dropout", 0.0))
         self.layers = nn.ModuleList(JRTBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm_f = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
@@ -255,7 +260,7 @@ class JRTModel(JRTPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embeddings(input_ids)
+            inputs_embeds = self.embedding_dropout(self.embeddings(input_ids))
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"inputs_embeds must have shape [B, T, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}"

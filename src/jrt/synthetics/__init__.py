@@ -1,9 +1,11 @@
-"""The synthetic recall lab: set disjointness and MQAR generators, small lab models, a trainer, experiment
-grids and the report of ``jrt reproduce``.
+"""The synthetic recall lab: set disjointness (on the authors' protocol) and MQAR generators, small lab models,
+a trainer, experiment grids and the report of ``jrt reproduce``.
 
 ```python
-from jrt.synthetics import RunConfig, SDTask, ModelSpec, TrainSpec, train_run
-result = train_run(RunConfig("sd", "based", SDTask(order="long_first"), ModelSpec(arch="based")))
+from jrt.synthetics import ModelSpec, RunConfig, SDTask, TrainSpec, train_run
+task = SDTask(pairs=((4, 16), (8, 32)), test_pairs=((4, 16), (8, 32), (4, 64)), vocab_size=260)
+result = train_run(RunConfig("sd", "based", task, ModelSpec.authors("based", 64, 4), TrainSpec.authors(8e-4, 2000)))
+print(result["groups"])  # accuracy per test pair and order
 ```
 """
 
@@ -14,6 +16,7 @@ from jrt.synthetics.data import (
     SyntheticBatch,
     make_mqar,
     make_sd,
+    make_sd_mixed,
     mqar_seq_len,
     sd_seq_len,
 )
@@ -35,6 +38,7 @@ __all__ = [
     "load_results",
     "make_mqar",
     "make_sd",
+    "make_sd_mixed",
     "mqar_grid",
     "mqar_seq_len",
     "reproduce_grid",

@@ -9,17 +9,17 @@ is not taken.
 Token layout (both tasks): id 0 is padding / "no query here", ids ``1 .. NUM_SPECIAL-1`` are separators, and
 ids ``NUM_SPECIAL .. vocab_size-1`` are the content vocabulary, split into a lower and an upper half.
 
-**SD** (docs/design.md, section 6)::
+**SD** (the authors' generator, ``synthetic/zoology/data/non_autoreg.py`` of their repository)::
 
     [1] a_1 .. a_n [2] b_1 .. b_m [3]        -> label at [3]: the one element shared by A and B
     [1] A [2] B [1] A [2] B [3]              (read twice)
 
-``order`` says which set comes first: ``"short_first"`` puts the smaller set in position A.
-``vocab="halves"`` is the authors' format (A from the lower half, B from the upper half, one element of B
-overwritten by an element of A). That format has a shortcut: the answer is the only lower-half token after
-``[2]``, which a model finds with no memory of A at all. ``vocab="shared"`` (the default of the lab's grids)
-draws A and B from the whole content vocabulary, disjoint except for the overwritten element, so only a
-model that remembers A (or B) can answer.
+For every example a fresh random permutation of the content vocabulary is split into two halves; A (the
+first set, ``n`` tokens) is drawn from the first half and B (``m`` tokens) from the second, then one element of
+B is overwritten by an element of A, so ``|A & B| = 1``. Because the halves are random per example, the
+position of a token in the vocabulary says nothing about which set it belongs to: finding the shared element
+needs a memory of A (or of B). "Short first" means ``n < m``; the authors' pairs list both orders, e.g.
+(4, 16) and (16, 4).
 
 **MQAR** (Zoology style)::
 
@@ -43,7 +43,8 @@ SEP_A, SEP_B, SEP_QUERY = 1, 2, 3
 IGNORE_INDEX = -100
 
 SD_ORDERS = ("short_first", "long_first")
-SD_VOCABS = ("shared", "halves")
+#: Rows generated per chunk (the per-example permutations of a chunk are one ``[rows, V]`` argsort).
+_SD_CHUNK = 2048
 
 
 @dataclass
@@ -102,33 +103,36 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def sd_seq_len(short_size: int, long_size: int, read_twice: bool = False) -> int:
+def sd_seq_len(first_size: int, second_size: int, read_twice: bool = False) -> int:
     """Length of an SD sequence: ``n + m + 3`` tokens, ``2 (n + m + 2) + 1`` when read twice."""
-    body = short_size + long_size + 2
+    body = first_size + second_size + 2
     return (2 * body if read_twice else body) + 1
+
+
+def sd_halves(vocab_size: int) -> tuple[int, int]:
+    """Sizes of the two halves of the content vocabulary that A and B are drawn from (the first half has
+    ``vocab_size // 2`` ids, the second the rest of the ``vocab_size - NUM_SPECIAL`` content ids)."""
+    first = vocab_size // 2
+    return first, vocab_size - NUM_SPECIAL - first
 
 
 def make_sd(
     num_examples: int,
-    short_size: int,
-    long_size: int,
+    first_size: int,
+    second_size: int,
     vocab_size: int,
     *,
-    order: str = "short_first",
     read_twice: bool = False,
-    vocab: str = "shared",
     seed: int = 0,
 ) -> SyntheticBatch:
-    """Set-disjointness sequences ``[1] A [2] B [3]`` with exactly one element shared by A and B.
+    """Set-disjointness sequences ``[1] A [2] B [3]`` with ``|A| = first_size``, ``|B| = second_size`` and exactly
+    one element shared by A and B, drawn as the authors do (a fresh permutation of the vocabulary per example).
 
     Args:
         num_examples: number of sequences N.
-        short_size, long_size: the two set sizes (``short_size <= long_size``).
+        first_size, second_size: the sizes of the set read first (A) and second (B).
         vocab_size: total vocabulary, including the ``NUM_SPECIAL`` reserved ids.
-        order: ``"short_first"`` (A is the smaller set) or ``"long_first"``.
         read_twice: emit ``[1] A [2] B [1] A [2] B [3]`` (JRT-Prompt).
-        vocab: ``"shared"`` (both sets from the whole content vocabulary, disjoint except for the answer) or
-            ``"halves"`` (the authors' format: A from the lower half, B from the upper half).
         seed: the sequences are a deterministic function of all arguments.
 
     Returns:
@@ -136,34 +140,27 @@ def make_sd(
         final ``[3]``) and ``prefix_lengths`` = everything before that final ``[3]``.
     """
     _check_positive("num_examples", num_examples)
-    _check_positive("short_size", short_size)
-    _check_positive("long_size", long_size)
-    if short_size > long_size:
-        raise ValueError(f"short_size ({short_size}) must not exceed long_size ({long_size})")
-    if order not in SD_ORDERS:
-        raise ValueError(f"order must be one of {SD_ORDERS}, got {order!r}")
-    if vocab not in SD_VOCABS:
-        raise ValueError(f"vocab must be one of {SD_VOCABS}, got {vocab!r}")
-    content = vocab_size - NUM_SPECIAL
-    half = content // 2
-    if half < long_size:
+    _check_positive("first_size", first_size)
+    _check_positive("second_size", second_size)
+    half_a, half_b = sd_halves(vocab_size)
+    if first_size > half_a or second_size > half_b:
         raise ValueError(
-            f"set size {long_size} is larger than half the content vocabulary ({half} of vocab_size "
-            f"{vocab_size} minus {NUM_SPECIAL} reserved ids): sets cannot be drawn without repeats"
+            f"set sizes ({first_size}, {second_size}) do not fit the halves of the content vocabulary "
+            f"({half_a}, {half_b} of vocab_size {vocab_size}): sets cannot be drawn without repeats"
         )
-    n, m = (short_size, long_size) if order == "short_first" else (long_size, short_size)
     gen = _generator(seed)
-    if vocab == "halves":
-        a = _sample_distinct(num_examples, n, NUM_SPECIAL, NUM_SPECIAL + half, gen)
-        b = _sample_distinct(num_examples, m, NUM_SPECIAL + half, NUM_SPECIAL + 2 * half, gen)
-    else:
-        both = _sample_distinct(num_examples, n + m, NUM_SPECIAL, NUM_SPECIAL + content, gen)
-        a, b = both[:, :n], both[:, n:].clone()
+    content = vocab_size - NUM_SPECIAL
+    a_parts, b_parts = [], []
+    for start in range(0, num_examples, _SD_CHUNK):
+        rows = min(_SD_CHUNK, num_examples - start)
+        perm = torch.rand(rows, content, generator=gen).argsort(dim=1) + NUM_SPECIAL  # a fresh permutation per row
+        # the first entries of each (randomly ordered) half: a uniform draw without replacement from that half
+        a_parts.append(perm[:, :first_size])
+        b_parts.append(perm[:, half_a : half_a + second_size])
+    a, b = torch.cat(a_parts), torch.cat(b_parts)
     rows = torch.arange(num_examples)
-    pick_a = torch.randint(0, n, (num_examples,), generator=gen)
-    pick_b = torch.randint(0, m, (num_examples,), generator=gen)
-    answer = a[rows, pick_a]
-    b[rows, pick_b] = answer
+    answer = a[rows, torch.randint(0, first_size, (num_examples,), generator=gen)]
+    b[rows, torch.randint(0, second_size, (num_examples,), generator=gen)] = answer
     col = lambda tok: torch.full((num_examples, 1), tok, dtype=torch.long)  # noqa: E731
     body = torch.cat([col(SEP_A), a, col(SEP_B), b], dim=1)
     parts = [body, body] if read_twice else [body]
@@ -172,6 +169,40 @@ def make_sd(
     labels[:, -1] = answer
     prefix = torch.full((num_examples,), input_ids.shape[1] - 1, dtype=torch.long)
     return SyntheticBatch(input_ids, labels, prefix)
+
+
+def make_sd_mixed(
+    num_examples: int,
+    short_size: int,
+    long_size: int,
+    vocab_size: int,
+    *,
+    short_first: float = 0.5,
+    read_twice: bool = False,
+    seed: int = 0,
+) -> SyntheticBatch:
+    """SD sequences of one set-size pair in both orders: ``round(short_first * N)`` rows with the short set
+    first, the rest with the long set first, rows shuffled (all rows have the same length)."""
+    _check_positive("num_examples", num_examples)
+    if not 0.0 <= short_first <= 1.0:
+        raise ValueError(f"short_first must be in [0, 1], got {short_first!r}")
+    if short_size > long_size:
+        raise ValueError(f"short_size ({short_size}) must not exceed long_size ({long_size})")
+    n_short = round(short_first * num_examples)
+    parts = []
+    if n_short:
+        parts.append(make_sd(n_short, short_size, long_size, vocab_size, read_twice=read_twice, seed=seed))
+    if num_examples - n_short:
+        parts.append(make_sd(num_examples - n_short, long_size, short_size, vocab_size, read_twice=read_twice,
+                             seed=seed + 7919))
+    batch = SyntheticBatch(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                             ("input_ids", "labels", "prefix_lengths")))
+    return batch.index(torch.randperm(num_examples, generator=_generator(seed + 104729)))
+
+
+def sd_first_sizes(input_ids: torch.Tensor) -> torch.Tensor:
+    """``|A|`` per row of SD sequences ``[N, T]``: the position of the first ``[2]`` minus one."""
+    return (input_ids == SEP_B).int().argmax(dim=1) - 1
 
 
 def mqar_seq_len(num_pairs: int, seq_len: int, read_twice: bool = False) -> int:

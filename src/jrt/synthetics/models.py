@@ -1,24 +1,29 @@
-"""The lab's small models, built from the library's own model (:class:`jrt.models.JRTForCausalLM`) and, as a
-state-space representative, ``transformers``' Mamba (its CPU reference path).
+"""The lab's small models, built by the project's model factory (:func:`jrt.training.models.build_model`) from
+the library's own model (:class:`jrt.models.JRTForCausalLM`) and, as a state-space representative,
+``transformers``' Mamba (its CPU reference path).
 
-==============  ===============================================  =============================================
-``arch``        layers (``num_layers`` blocks)                    recurrent state (``state_size_bytes``)
-==============  ===============================================  =============================================
-``attention``   BaseConv, causal softmax attention, ...          KV cache ``T * (2 * d * 4 + 8)`` bytes per
-                                                                 attention layer, plus BaseConv
-``based``       BaseConv, Based (causal linear attention), ...   per Based layer ``H * (Dv * D + D) * 4``;
-                                                                 per BaseConv ``(k - 1) * expand * d * 4``
-``jrt_rnn``     BaseConv, PLA (non-causal over the prefix), ...  same as ``based`` (PLA decodes from ``(S, z)``)
-``mamba``       ``transformers.MambaForCausalLM``                per layer ``d_inner * (d_state + k - 1) * 4``
-==============  ===============================================  =============================================
+===================  ==========================================  ==============================================
+``arch``             layers (``num_layers`` blocks)               recurrent state (``state_size_bytes``)
+===================  ==========================================  ==============================================
+``attention``        conv, causal softmax attention, ...          KV cache ``T * (2 * d * 4 + 8)`` bytes per
+                                                                  attention layer, plus the convs
+``based``            conv, Based (causal linear attention), ...   per Based layer ``H * (Dv * D + D) * 4``; per
+                                                                  conv ``(k - 1) * C * 4`` (``C = 2d`` for the
+                                                                  library's BaseConv, ``d`` for the authors')
+``based_noncausal``  centred conv, non-causal Based, ...          same as ``based`` (the state after reading)
+``jrt_rnn``          conv, PLA (non-causal over the prefix), ...  same as ``based`` (PLA decodes from ``(S, z)``)
+``mamba``            ``transformers.MambaForCausalLM``            per layer ``d_inner * (d_state + k - 1) * 4``
+===================  ==========================================  ==============================================
 
 ``D = 1 + f + f^2`` is the Taylor feature dimension, ``Dv = d / H`` the value head dim, ``T`` the sequence
 length, float32 everywhere. JRT-Prompt is not a separate model: it is ``based`` fed the read-twice input.
+``ModelSpec.style`` picks the library's blocks (BaseConv, SwiGLU MLP) or the authors' (their conv form, no MLP,
+embedding dropout 0.1).
 """
 
 from __future__ import annotations
 
-import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,19 +37,26 @@ MAMBA_CONV_KERNEL = 4
 REFERENCE_MAX_LEN = 256
 
 
-def mixer_pattern(arch: str, num_layers: int) -> list[str]:
-    """The ``JRTConfig.mixers`` list of a lab architecture: BaseConv alternating with the sequence mixer
-    (starting with BaseConv), so that the architectures differ only in that mixer."""
-    mixer = {"based": "based", "jrt_rnn": "pla", "attention": "attention"}.get(arch)
+def mixer_pattern(arch: str, num_layers: int, style: str = "library") -> list[str]:
+    """The ``JRTConfig.mixers`` list of a lab architecture: a short convolution alternating with the sequence
+    mixer (starting with the convolution), so that the architectures differ only in that mixer. The
+    convolution is the library's BaseConv (``style="library"``) or the authors' form (``"authors"``, centred
+    for ``based_noncausal``)."""
+    mixer = {"based": "based", "jrt_rnn": "pla", "attention": "attention",
+             "based_noncausal": "based_noncausal"}.get(arch)
     if mixer is None:
         raise ValueError(f"no JRT mixer pattern for arch {arch!r}")
     if num_layers < 2:
-        raise ValueError(f"{arch} needs at least 2 layers (BaseConv + {mixer}), got {num_layers}")
-    return ["base_conv" if i % 2 == 0 else mixer for i in range(num_layers)]
+        raise ValueError(f"{arch} needs at least 2 layers (conv + {mixer}), got {num_layers}")
+    if arch == "based_noncausal":
+        conv = "gated_conv_noncausal"
+    else:
+        conv = "gated_conv" if style == "authors" else "base_conv"
+    return [conv if i % 2 == 0 else mixer for i in range(num_layers)]
 
 
 class LabModel(nn.Module):
-    """A causal LM for the synthetic tasks: ``forward(input_ids [N, T], prefix_lengths [N] | None) -> logits
+    """A LM for the synthetic tasks: ``forward(input_ids [N, T], prefix_lengths [N] | None) -> logits
     [N, T, V]`` (logits at position ``i`` predict the label at ``i``); ``state_size_bytes(seq_len)``."""
 
     def __init__(self, spec: ModelSpec, inner: nn.Module, vocab_size: int, seq_len: int) -> None:
@@ -75,33 +87,34 @@ class LabModel(nn.Module):
         return int(self.inner.state_size_bytes(1, context_length=seq_len))
 
 
-def build_model(spec: ModelSpec, vocab_size: int, seq_len: int) -> LabModel:
-    """A freshly initialised lab model (float32) for sequences of up to ``seq_len`` tokens."""
+def lab_model_config(spec: ModelSpec, vocab_size: int, seq_len: int) -> Any:
+    """The model config of a lab spec: a :class:`jrt.models.JRTConfig`, or ``transformers``' ``MambaConfig``."""
     if spec.arch == "mamba":
-        from transformers import MambaConfig, MambaForCausalLM
+        from transformers import MambaConfig
 
-        cfg = MambaConfig(
+        return MambaConfig(
             vocab_size=vocab_size, hidden_size=spec.d_model, state_size=spec.d_state,
             num_hidden_layers=spec.num_layers, expand=spec.expand, conv_kernel=MAMBA_CONV_KERNEL,
             use_cache=False, pad_token_id=0, bos_token_id=0, eos_token_id=0, use_mambapy=False,
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "fast path is not available": the CPU path is what we want
-            inner = MambaForCausalLM(cfg)
-        return LabModel(spec, inner, vocab_size, seq_len)
+    from jrt.models import JRTConfig
 
-    from jrt.models import JRTConfig, JRTForCausalLM
-
-    cfg = JRTConfig(
+    authors = spec.style == "authors"
+    return JRTConfig(
         vocab_size=vocab_size, hidden_size=spec.d_model, num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads, feature_dim=spec.feature_dim,
-        mixers=mixer_pattern(spec.arch, spec.num_layers), intermediate_size=2 * spec.d_model,
+        mixers=mixer_pattern(spec.arch, spec.num_layers, spec.style), intermediate_size=2 * spec.d_model,
+        use_mlp=not authors, embedding_dropout=0.1 if authors else 0.0,
         max_prefix_length=seq_len, linear_attention_eps=1e-6, use_cache=False,
+        ops_impl="reference" if seq_len <= REFERENCE_MAX_LEN else "auto",
         bos_token_id=0, eos_token_id=0, pad_token_id=0, mask_token_id=None,
     )
-    inner = JRTForCausalLM(cfg)
-    if seq_len <= REFERENCE_MAX_LEN:
-        for block in inner.model.layers:
-            if block.mixer_name in ("based", "pla"):
-                block.mixer.impl = "reference"
+
+
+def build_lab_model(spec: ModelSpec, vocab_size: int, seq_len: int) -> LabModel:
+    """A freshly initialised lab model (float32) for sequences of up to ``seq_len`` tokens, built by the
+    project's model factory :func:`jrt.training.models.build_model` from :func:`lab_model_config`."""
+    from jrt.training.models import build_model
+
+    inner = build_model(lab_model_config(spec, vocab_size, seq_len))
     return LabModel(spec, inner, vocab_size, seq_len)

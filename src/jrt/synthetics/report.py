@@ -1,145 +1,336 @@
 """Tables, plots, ``summary.json`` and ``report.md`` from the lab's results.
 
-Results (one JSON object per run, see :func:`jrt.synthetics.train.train_run`) are averaged over seeds for
-each ``(experiment, model, order, state_bytes)``. The checks compare the measurements with the paper's
-claims; they report what was measured, whatever it is.
+Every number in the report comes from the results (one JSON object per run, see
+:func:`jrt.synthetics.train.train_run`), including the verdict on each of the paper's expected outcomes, which
+carries its numbers and a 95% interval over the test examples (Wilson for an accuracy, Newcombe's hybrid
+score interval for a difference of two accuracies).
+
+SD panels (as in the paper's figure): per run, ``short_first`` / ``long_first`` = the mean accuracy over the
+test pairs in that order, ``difference`` = short-first minus long-first. Runs are selected over learning rates
+(and seeds) in two ways per (model, state size):
+
+- ``best``: the authors' way: each panel separately takes the best run, so the three panels may show three
+  different runs;
+- ``fixed``: one learning rate per point, the one with the best mean of both orders (averaged over seeds); all
+  three panels show that learning rate's runs, averaged over seeds.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-SD_ORDER_COLUMNS = ("short_first", "long_first", "twice")
+Z95 = 1.959963984540054
+#: A "no order gap" claim holds when the 95% interval of the gap lies within +-this many points.
+NO_GAP_MARGIN = 5.0
+#: ... and only for a model that has learned the task: at least this accuracy (%) in both orders.
+LEARNED_MIN = 50.0
+SD_PANELS = ("short_first", "long_first", "difference")
 
-#: Thresholds of the issue's expected outcome (points of accuracy).
-SD_GAP_MIN = 15.0
-SD_FIXED_GAP_MAX = 5.0
+
+# ------------------------------------------------------------------------------------------------
+# intervals
+# ------------------------------------------------------------------------------------------------
 
 
-def aggregate(results: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """``{"sd": [...], "mqar": [...]}``: mean accuracy over seeds per model / order / state size, sorted."""
-    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = defaultdict(list)
+def wilson(hits: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``hits / n`` (as fractions)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = hits / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def newcombe(h1: int, n1: int, h2: int, n2: int, z: float = Z95) -> tuple[float, float]:
+    """Newcombe's hybrid score interval of ``h1/n1 - h2/n2`` (independent samples), as fractions."""
+    p1, p2 = h1 / max(1, n1), h2 / max(1, n2)
+    l1, u1 = wilson(h1, n1, z)
+    l2, u2 = wilson(h2, n2, z)
+    d = p1 - p2
+    return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# aggregation
+# ------------------------------------------------------------------------------------------------
+
+
+def _size(r: dict[str, Any]) -> tuple[int, int]:
+    m = r["config"]["model"]
+    return int(m["d_model"]), int(m["feature_dim"])
+
+
+def _order_acc(r: dict[str, Any], order: str) -> float:
+    """Mean accuracy over the run's test groups of one order (the authors' panel value of one run)."""
+    accs = [g["accuracy"] for g in r["groups"] if g["order"] == order]
+    return sum(accs) / len(accs) if accs else float("nan")
+
+
+def _panel(r: dict[str, Any], panel: str) -> float:
+    if panel == "difference":
+        return _order_acc(r, "short_first") - _order_acc(r, "long_first")
+    return _order_acc(r, panel)
+
+
+def _points(results: Iterable[dict[str, Any]], experiment: str) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Runs grouped by (model, state bytes)."""
+    out: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in results:
-        groups[(r["experiment"], r["model"], r["order"], int(r["state_bytes"]))].append(r)
-    out: dict[str, list[dict[str, Any]]] = {"sd": [], "mqar": []}
-    for (exp, model, order, state), runs in sorted(groups.items()):
-        m = runs[0]["config"]["model"]
-        row = {
-            "model": model,
-            "order": order,
-            "state_bytes": state,
-            "accuracy": round(sum(r["accuracy"] for r in runs) / len(runs), 4),
-            "seeds": len(runs),
-            "d_model": m["d_model"],
-            "feature_dim": m["feature_dim"] if m["arch"] in ("based", "jrt_rnn") else None,
-            "d_state": m["d_state"] if m["arch"] == "mamba" else None,
-            "steps": round(sum(r["steps"] for r in runs) / len(runs)),
-            "seconds": round(sum(r["seconds"] for r in runs), 1),
-        }
-        out.setdefault(exp, []).append(row)
+        if r.get("experiment") == experiment and "groups" in r:
+            out[(r["model"], int(r["state_bytes"]))].append(r)
     return out
 
 
-def _acc(rows: Sequence[dict[str, Any]], model: str, order: str, state: int) -> float | None:
-    for r in rows:
-        if r["model"] == model and r["order"] == order and r["state_bytes"] == state:
-            return 100.0 * r["accuracy"]
-    return None
+def _fixed_runs(runs: Sequence[dict[str, Any]], score) -> list[dict[str, Any]]:
+    """The runs (all seeds) of the learning rate with the best seed-mean ``score``."""
+    by_lr: dict[float, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        by_lr[float(r["lr"])].append(r)
+    best = max(by_lr, key=lambda lr: (sum(score(r) for r in by_lr[lr]) / len(by_lr[lr]), -lr))
+    return by_lr[best]
 
 
-def checks(summary: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The issue's expected outcomes, each with the measured numbers and whether it held."""
+def _pool(runs: Sequence[dict[str, Any]], order: str | None = None, seen: bool | None = None) -> tuple[int, int]:
+    hits = n = 0
+    for r in runs:
+        for g in r["groups"]:
+            if (order is None or g["order"] == order) and (seen is None or g["seen"] == seen):
+                hits, n = hits + g["hits"], n + g["n"]
+    return hits, n
+
+
+def sd_points(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per SD (model, state size): both selections of the three panels, the fixed selection's pooled
+    counts per order (all test pairs, and the pairs unseen in training), and its per-pair accuracies."""
+    rows = []
+    for (model, state), runs in sorted(_points(results, "sd").items()):
+        fixed = _fixed_runs(runs, lambda r: _panel(r, "short_first") + _panel(r, "long_first"))
+        d, f = _size(fixed[0])
+        row: dict[str, Any] = {"model": model, "state_bytes": state, "d_model": d, "feature_dim": f,
+                               "style": fixed[0].get("style", "library"), "lr": fixed[0]["lr"],
+                               "seeds": len(fixed), "runs": len(runs)}
+        for panel in SD_PANELS:
+            row[f"best_{panel}"] = round(100 * max(_panel(r, panel) for r in runs), 2)
+            row[f"fixed_{panel}"] = round(100 * sum(_panel(r, panel) for r in fixed) / len(fixed), 2)
+        for order in ("short_first", "long_first"):
+            row[f"{order}_hits"], row[f"{order}_n"] = _pool(fixed, order)
+            row[f"{order}_unseen_hits"], row[f"{order}_unseen_n"] = _pool(fixed, order, seen=False)
+        per_pair: dict[str, list[float]] = defaultdict(list)
+        for r in fixed:
+            for g in r["groups"]:
+                per_pair[f"{g['pair'][0]}/{g['pair'][1]} {g['order']}"].append(g["accuracy"])
+        row["per_pair"] = {k: round(100 * sum(v) / len(v), 1) for k, v in per_pair.items()}
+        rows.append(row)
+    return rows
+
+
+def mqar_points(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per MQAR (model, state size): the best learning rate's runs pooled over seeds."""
+    rows = []
+    for (model, state), runs in sorted(_points(results, "mqar").items()):
+        fixed = _fixed_runs(runs, lambda r: r["accuracy"])
+        hits, n = _pool(fixed)
+        d, f = _size(fixed[0])
+        rows.append({"model": model, "order": fixed[0]["order"], "state_bytes": state, "d_model": d,
+                     "feature_dim": f if fixed[0]["config"]["model"]["arch"] != "attention" else None,
+                     "hits": hits, "n": n, "accuracy": round(100 * hits / max(1, n), 2), "seeds": len(fixed),
+                     "steps": round(sum(r["steps"] for r in fixed) / len(fixed))})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# the paper's expected outcomes
+# ------------------------------------------------------------------------------------------------
+
+
+def _verdict_better(lo: float, hi: float) -> str:
+    return "held" if lo > 0 else ("reversed" if hi < 0 else "not shown")
+
+
+def _fmt_ci(lo: float, hi: float) -> str:
+    return f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def checks(mqar: Sequence[dict[str, Any]], sd: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The paper's expected outcomes, each with its numbers, a 95% interval and a verdict (``held``,
+    ``not shown``, ``reversed`` or ``inconclusive``), all computed from the rows."""
     out: list[dict[str, Any]] = []
-    sd = summary.get("sd", [])
-    based_states = sorted({r["state_bytes"] for r in sd if r["model"] == "based"})
-    if based_states:
-        s = based_states[0]
-        short, long, twice = (_acc(sd, "based", o, s) for o in SD_ORDER_COLUMNS)
-        if short is not None and long is not None:
-            gap = short - long
-            out.append({"claim": f"SD, smallest Based state ({s} B): short-first - long-first >= {SD_GAP_MIN:g} "
-                                 "points", "measured": round(gap, 1), "holds": gap >= SD_GAP_MIN})
-        if short is not None and twice is not None:
-            gap = abs(short - twice)
-            out.append({"claim": f"SD, Based read twice ({s} B): abs(short-first - twice) <= {SD_FIXED_GAP_MAX:g}",
-                        "measured": round(gap, 1), "holds": gap <= SD_FIXED_GAP_MAX})
-    rnn_states = sorted({r["state_bytes"] for r in sd if r["model"] == "jrt_rnn"})
-    if rnn_states:
-        s = rnn_states[0]
-        short, long = _acc(sd, "jrt_rnn", "short_first", s), _acc(sd, "jrt_rnn", "long_first", s)
-        if short is not None and long is not None:
-            gap = abs(short - long)
-            out.append({"claim": f"SD, JRT-RNN ({s} B): abs(short-first - long-first) <= {SD_FIXED_GAP_MAX:g}",
-                        "measured": round(gap, 1), "holds": gap <= SD_FIXED_GAP_MAX})
-    mqar = summary.get("mqar", [])
-    for s in sorted({r["state_bytes"] for r in mqar if r["model"] == "jrt_rnn"}):
-        rnn, based = _acc(mqar, "jrt_rnn", "once", s), _acc(mqar, "based", "once", s)
-        if rnn is not None and based is not None:
-            out.append({"claim": f"MQAR ({s} B): JRT-RNN >= Based", "measured": round(rnn - based, 1),
-                        "holds": rnn >= based})
+    by = {(r["model"], r["state_bytes"]): r for r in mqar}
+    for state in sorted({r["state_bytes"] for r in mqar if r["model"] == "based"}):
+        base = by[("based", state)]
+        for other, label in (("based_twice", "Based read twice (JRT-Prompt)"), ("jrt_rnn", "JRT-RNN")):
+            if (other, state) not in by:
+                continue
+            o = by[(other, state)]
+            lo, hi = newcombe(o["hits"], o["n"], base["hits"], base["n"])
+            out.append({
+                "experiment": "mqar", "claim": f"MQAR, {state:,} B state: {label} is more accurate than causal Based",
+                "measured": f"{o['accuracy']:.1f} vs {base['accuracy']:.1f} % (difference "
+                            f"{o['accuracy'] - base['accuracy']:+.1f}, 95% CI {_fmt_ci(lo, hi)} points; "
+                            f"{o['n']:,} and {base['n']:,} queries)",
+                "difference": round(o["accuracy"] - base["accuracy"], 2),
+                "ci": [round(100 * lo, 2), round(100 * hi, 2)],
+                "verdict": _verdict_better(lo, hi),
+            })
+    sd_by = {(r["model"], r["state_bytes"]): r for r in sd}
+    claims = (("based", "causal Based is more accurate with the short set first", "gap"),
+              ("based_twice", "Based reading the input twice shows no order gap", "no_gap"),
+              ("based_noncausal", "non-causal Based shows no order gap", "no_gap"),
+              ("jrt_rnn", "JRT-RNN shows no order gap", "no_gap"))
+    for model, text, kind in claims:
+        states = sorted(s for m, s in sd_by if m == model)
+        if not states:
+            continue
+        r = sd_by[(model, states[0])]
+        hs, ns, hl, nl = r["short_first_hits"], r["short_first_n"], r["long_first_hits"], r["long_first_n"]
+        lo, hi = newcombe(hs, ns, hl, nl)
+        short, long = 100 * hs / max(1, ns), 100 * hl / max(1, nl)
+        if min(short, long) < LEARNED_MIN:
+            verdict = "inconclusive"
+        elif kind == "gap":
+            verdict = _verdict_better(lo, hi)
+        else:
+            verdict = "held" if -NO_GAP_MARGIN < 100 * lo and 100 * hi < NO_GAP_MARGIN else "not shown"
+        out.append({
+            "experiment": "sd", "claim": f"SD, smallest state ({states[0]:,} B): {text}",
+            "measured": f"short first {short:.1f} %, long first {long:.1f} % (gap {short - long:+.1f}, 95% CI "
+                        f"{_fmt_ci(lo, hi)} points; {ns:,} + {nl:,} test sequences over all test pairs)",
+            "difference": round(short - long, 2), "ci": [round(100 * lo, 2), round(100 * hi, 2)],
+            "verdict": verdict,
+        })
     return out
 
 
-def sd_table(summary: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown: one row per SD model and state size, accuracy (%) per order, and the order gap."""
-    rows = summary.get("sd", [])
-    keys = sorted({(r["model"], r["state_bytes"]) for r in rows}, key=lambda k: (k[0], k[1]))
-    lines = ["| model | state (bytes) | short first | long first | long first, read twice | short - long |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for model, state in keys:
-        vals = [_acc(rows, model, o, state) for o in SD_ORDER_COLUMNS]
-        cells = ["-" if v is None else f"{v:.1f}" for v in vals]
-        gap = "-" if vals[0] is None or vals[1] is None else f"{vals[0] - vals[1]:+.1f}"
-        lines.append(f"| {model} | {state:,} | {' | '.join(cells)} | {gap} |")
+VERDICT_RULES = (
+    f"A claim that one number exceeds another *held* when the 95% interval of the difference is above 0, is "
+    f"*reversed* when it is below 0 and *not shown* otherwise. A \"no order gap\" claim held when the interval "
+    f"of the gap lies within +-{NO_GAP_MARGIN:g} points. An SD claim is *inconclusive* when the model is below "
+    f"{LEARNED_MIN:g}% in either order: a model without a memory of A can still guess among the tokens of B, "
+    "which scores about 1/|B| and so favours the long set first (B short) whatever the architecture. Intervals "
+    "are over the test examples of the selected runs (Wilson / Newcombe), MQAR queries counted one by one."
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# tables and plots
+# ------------------------------------------------------------------------------------------------
+
+
+def mqar_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| model | input | state (bytes) | d_model | f | accuracy % | 95% CI | steps |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
+    for r in sorted(rows, key=lambda r: (r["state_bytes"], r["model"])):
+        lo, hi = wilson(r["hits"], r["n"])
+        f = "-" if r["feature_dim"] is None else str(r["feature_dim"])
+        lines.append(f"| {r['model']} | {r['order']} | {r['state_bytes']:,} | {r['d_model']} | {f} | "
+                     f"{r['accuracy']:.1f} | {100 * lo:.1f}-{100 * hi:.1f} | {r['steps']} |")
     return "\n".join(lines)
 
 
-def mqar_table(summary: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown: MQAR accuracy (%) per model and state size."""
-    rows = sorted(summary.get("mqar", []), key=lambda r: (r["model"], r["state_bytes"]))
-    lines = ["| model | input | state (bytes) | d_model | f | accuracy |", "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        f = "-" if r["feature_dim"] is None else str(r["feature_dim"])
-        lines.append(f"| {r['model']} | {r['order']} | {r['state_bytes']:,} | {r['d_model']} | {f} | "
-                     f"{100 * r['accuracy']:.1f} |")
+def sd_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Per model and state: both selections of the three panels (accuracy %, mean over test pairs)."""
+    lines = ["| model | state (bytes) | d, f | lr (fixed) | short first | long first | difference | "
+             "best: short | best: long | best: difference | unseen pairs: short / long |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["model"], r["state_bytes"])):
+        unseen = "-"
+        if r["short_first_unseen_n"]:
+            unseen = (f"{100 * r['short_first_unseen_hits'] / r['short_first_unseen_n']:.1f} / "
+                      f"{100 * r['long_first_unseen_hits'] / max(1, r['long_first_unseen_n']):.1f}")
+        lines.append(
+            f"| {r['model']} | {r['state_bytes']:,} | {r['d_model']}, {r['feature_dim']} | {r['lr']:g} | "
+            f"{r['fixed_short_first']:.1f} | {r['fixed_long_first']:.1f} | {r['fixed_difference']:+.1f} | "
+            f"{r['best_short_first']:.1f} | {r['best_long_first']:.1f} | {r['best_difference']:+.1f} | {unseen} |"
+        )
+    return "\n".join(lines)
+
+
+def sd_pair_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Per model (smallest state of each): accuracy % per test pair and order (fixed selection)."""
+    keys = sorted({k for r in rows for k in r["per_pair"]}, key=lambda k: (
+        int(k.split("/")[1].split()[0]), int(k.split("/")[0]), k.split()[1]))
+    lines = ["| model | state (bytes) | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+    for r in sorted(rows, key=lambda r: (r["model"], r["state_bytes"])):
+        cells = [f"{r['per_pair'][k]:.1f}" if k in r["per_pair"] else "-" for k in keys]
+        lines.append(f"| {r['model']} | {r['state_bytes']:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def checks_table(found: Sequence[dict[str, Any]]) -> str:
-    lines = ["| expected (from the paper) | measured | holds |", "|---|---:|---|"]
+    lines = ["| expected (from the paper) | measured | verdict |", "|---|---|---|"]
     for c in found:
-        claim = c["claim"].replace("|", "\\|")
-        lines.append(f"| {claim} | {c['measured']:+.1f} | {'yes' if c['holds'] else 'no'} |")
+        lines.append(f"| {c['claim']} | {c['measured']} | **{c['verdict']}** |")
     return "\n".join(lines)
 
 
-def plot_accuracy(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str) -> Path:
-    """Accuracy against state size (log x), one line per model and order; written as PNG."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_mqar(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """MQAR accuracy against state size (log x), one line per model; PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in rows:
-        label = r["model"] if r["order"] == "once" else f"{r['model']} ({r['order'].replace('_', ' ')})"
-        lines[label].append((r["state_bytes"], 100.0 * r["accuracy"]))
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+        lines[r["model"]].append((r["state_bytes"], r["accuracy"]))
     for label, pts in sorted(lines.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("recurrent state (bytes per sequence)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.set_title(title)
+    ax.set(xscale="log", xlabel="recurrent state (bytes per sequence)", ylabel="accuracy (%)", ylim=(-2, 102),
+           title="MQAR: accuracy against state size")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, plt, path)
+
+
+def plot_sd_panels(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """The paper's SD figure: short-first, long-first and their difference against state size (log x), one
+    line per model; top row the authors' selection (best run per panel), bottom row one fixed learning rate
+    per point. PNG."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), dpi=100, sharex=True)
+    titles = {"short_first": "short A, long B", "long_first": "long A, short B",
+              "difference": "difference (short - long)"}
+    for i, sel in enumerate(("best", "fixed")):
+        for j, panel in enumerate(SD_PANELS):
+            ax = axes[i][j]
+            lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
+            for r in rows:
+                lines[r["model"]].append((r["state_bytes"], r[f"{sel}_{panel}"]))
+            for label, pts in sorted(lines.items()):
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.set_xscale("log")
+            ax.set_title(f"{titles[panel]} ({'best run per panel' if sel == 'best' else 'fixed lr per point'})",
+                         fontsize=9)
+            ax.grid(True, alpha=0.3)
+            if panel == "difference":
+                ax.axhline(0, color="k", lw=0.8)
+            else:
+                ax.set_ylim(-2, 102)
+            if i == 1:
+                ax.set_xlabel("recurrent state (bytes per sequence)")
+            if j == 0:
+                ax.set_ylabel("accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: str | os.PathLike) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,45 +339,64 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title
     return path
 
 
+# ------------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------------
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``{"mqar": rows, "sd": rows, "checks": [...]}`` from the results."""
+    mqar, sd = mqar_points(results), sd_points(results)
+    return {"mqar": mqar, "sd": sd, "checks": checks(mqar, sd)}
+
+
 def write_report(
     results: Sequence[dict[str, Any]],
     out_dir: str | os.PathLike,
     *,
     grid_name: str = "quick",
     wall_seconds: float | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
-    """Write ``summary.json``, ``report.md``, ``sd_order.png`` and ``mqar.png`` into ``out_dir``.
+    """Write ``summary.json``, ``report.md``, ``mqar.png`` and ``sd_panels.png`` into ``out_dir``.
 
     Returns:
         The summary dict (also written to ``summary.json``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = aggregate(results)
-    found = checks(summary)
-    summary["checks"] = found
-    summary["grid"] = grid_name
-    summary["runs"] = len(results)
+    summary: dict[str, Any] = summarize(results)
+    summary.update(grid=grid_name, runs=len(results))
     if wall_seconds is not None:
         summary["wall_seconds"] = round(wall_seconds, 1)
     cpu = [r["cpu_seconds"] for r in results if "cpu_seconds" in r]
     if cpu:
-        # CPU time is what the runs cost on idle cores: a load-independent estimate of the wall time
         summary["cpu_seconds_total"] = round(sum(cpu), 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    parts = [f"# Synthetic recall: `jrt reproduce --{grid_name}`", ""]
+    title = "quick run" if grid_name == "quick" else f"{grid_name} grid"
+    parts = [f"# Synthetic recall: `jrt reproduce` ({title})", ""]
+    if command:
+        parts += [f"Command: `{command}`.", ""]
+    timing = [f"{len(results)} runs"]
     if wall_seconds is not None:
-        parts += [f"{len(results)} runs, wall time {wall_seconds / 60:.1f} min.", ""]
+        timing.append(f"wall time {wall_seconds / 60:.1f} min")
     if cpu:
-        parts += [f"CPU time summed over the runs: {sum(cpu) / 60:.1f} min (about "
-                  f"{sum(cpu) / 120:.1f} min of wall time on an idle 2-core machine with 2 workers).", ""]
-    if summary["sd"]:
-        plot_accuracy(summary["sd"], out / "sd_order.png", "Set disjointness: order and the JRT fixes")
-        parts += ["## Set disjointness (accuracy %)", "", sd_table(summary), "", "![SD](sd_order.png)", ""]
+        timing.append(f"CPU time summed over the runs {sum(cpu) / 60:.1f} min")
+    parts += [", ".join(timing) + ".", ""]
+    if summary["checks"]:
+        parts += ["## The paper's expected outcomes, as measured by this run", "", checks_table(summary["checks"]),
+                  "", VERDICT_RULES, ""]
     if summary["mqar"]:
-        plot_accuracy(summary["mqar"], out / "mqar.png", "MQAR: accuracy against state size")
-        parts += ["## MQAR (accuracy %)", "", mqar_table(summary), "", "![MQAR](mqar.png)", ""]
-    if found:
-        parts += ["## The paper's effects, as measured", "", checks_table(found), ""]
+        plot_mqar(summary["mqar"], out / "mqar.png")
+        parts += ["## MQAR", "", mqar_table(summary["mqar"]), "", "![MQAR](mqar.png)", ""]
+    if summary["sd"]:
+        plot_sd_panels(summary["sd"], out / "sd_panels.png")
+        head = "## Set disjointness" + (" (smoke test: far too short to test the paper's claim)"
+                                        if grid_name == "quick" else "")
+        parts += [head, "", "Accuracy %, mean over the test pairs of each order; \"best\" columns: the authors' "
+                  "selection (best run per panel over learning rates and seeds), the others: one fixed learning "
+                  "rate per point (best mean of both orders), averaged over seeds.", "", sd_table(summary["sd"]),
+                  "", "Per test pair (short/long sizes, order), fixed selection:", "", sd_pair_table(summary["sd"]),
+                  "", "![SD panels](sd_panels.png)", ""]
     (out / "report.md").write_text("\n".join(parts))
     return summary

@@ -46,17 +46,6 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Learning rate at ``step`` (0-based): linear warmup to ``lr`` over ``warmup_steps``, then a cosine
-    from ``lr`` down to ``lr * min_lr_ratio`` at ``max_steps``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    span = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    floor = lr * min_lr_ratio
-    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def masked_loss_and_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """Cross-entropy on labelled positions only.
 
@@ -81,8 +70,8 @@ def _forward(model: torch.nn.Module, batch: SyntheticBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: SyntheticBatch, batch_size: int, device: torch.device) -> float:
-    """Accuracy over all labelled positions of ``data`` (per answer: per query for MQAR)."""
+def evaluate(model: torch.nn.Module, data: SyntheticBatch, batch_size: int, device: torch.device) -> tuple[int, int]:
+    """``(correct, labelled)`` over all labelled positions of ``data`` (per answer: per query for MQAR)."""
     was_training = model.training
     model.eval()
     hits = total = 0
@@ -92,20 +81,28 @@ def evaluate(model: torch.nn.Module, data: SyntheticBatch, batch_size: int, devi
         hits += h
         total += n
     model.train(was_training)
+    return hits, total
+
+
+def epoch_batches(
+    pools: Sequence[SyntheticBatch], batch_size: int, gen: torch.Generator
+) -> list[tuple[int, torch.Tensor]]:
+    """One epoch as ``(pool index, row indices)`` batches: every row of every pool once, each batch from one
+    pool (its sequences share a length), the batches of all pools shuffled together (the authors' loader)."""
+    batches = []
+    for i, pool in enumerate(pools):
+        perm = torch.randperm(len(pool), generator=gen)
+        batches += [(i, perm[s : s + batch_size]) for s in range(0, len(pool), batch_size)]
+    return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def _pooled_accuracy(pools: Sequence[SyntheticBatch], model: torch.nn.Module, batch_size: int,
+                     device: torch.device) -> float:
+    hits = total = 0
+    for pool in pools:
+        h, n = evaluate(model, pool, batch_size, device)
+        hits, total = hits + h, total + n
     return hits / max(1, total)
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms and embeddings (1-D parameters and embedding tables)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim < 2 or "norm" in name.lower() or "embed" in name.lower():
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def train_run(
@@ -116,7 +113,10 @@ def train_run(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Train one config from scratch and evaluate it.
+    """Train one config from scratch and score it per test group.
+
+    Training iterates in epochs over the task's pools (SD: one pool per set-size pair, both orders mixed in
+    each; MQAR: one pool), with the optimiser and schedule of :mod:`jrt.training.optim`.
 
     Args:
         cfg: the run.
@@ -126,12 +126,14 @@ def train_run(
         log: optional callback for one-line messages.
 
     Returns:
-        A JSON-ready dict: ``run_id``, ``config``, ``state_bytes``, ``num_params``, ``accuracy`` (test
-        accuracy of the best validation checkpoint), ``best_valid_accuracy``, ``steps``, ``seconds`` (wall),
-        ``cpu_seconds`` (CPU time of this process: what the run costs on an idle core),
-        ``stopped`` (``"target"``, ``"patience"`` or ``"max_steps"``) and ``history`` (step, loss, valid).
+        A JSON-ready dict: ``run_id``, ``config``, ``experiment``, ``model``, ``order`` (``once``/``twice``),
+        ``style``, ``lr``, ``seed``, ``state_bytes``, ``num_params``, ``groups`` (per test group: ``pair``,
+        ``order``, ``seen``, ``hits``, ``n``, ``accuracy``), ``accuracy`` (pooled over the groups),
+        ``best_valid_accuracy``, ``steps``, ``steps_per_epoch``, ``seconds`` (wall), ``cpu_seconds`` (CPU time of
+        this process), ``stopped`` (``"target"``, ``"patience"`` or ``"max_steps"``) and ``history``.
     """
-    from jrt.synthetics.models import build_model
+    from jrt.synthetics.models import build_lab_model
+    from jrt.training.optim import WarmupCosineSchedule, adamw
 
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
@@ -139,31 +141,39 @@ def train_run(
     tr = cfg.train
     torch.manual_seed(cfg.seed)
     t0, c0 = time.perf_counter(), time.process_time()
-    train_data = cfg.task.generate(tr.num_train, seed=cfg.seed)
+    pools = cfg.task.train_pools(tr.num_train, seed=cfg.seed)
     if tr.overfit:
-        valid_data = test_data = train_data
+        valid_pools = pools
+        test_groups = [({"pair": None, "order": "train", "seen": True}, pool) for pool in pools]
     else:
-        valid_data = cfg.task.generate(tr.num_valid, seed=cfg.seed + _VALID_SEED_OFFSET)
-        test_data = cfg.task.generate(tr.num_test, seed=cfg.seed + _TEST_SEED_OFFSET)
-    model = build_model(cfg.model, vocab_size=cfg.task.vocab_size, seq_len=cfg.task.seq_len).to(dev)
+        valid_pools = cfg.task.train_pools(tr.num_valid, seed=cfg.seed + _VALID_SEED_OFFSET) if tr.keep_best else []
+        test_groups = cfg.task.test_groups(tr.num_test, seed=cfg.seed + _TEST_SEED_OFFSET)
+    model = build_lab_model(cfg.model, vocab_size=cfg.task.vocab_size, seq_len=cfg.task.seq_len).to(dev)
     state_bytes = int(model.state_size_bytes(cfg.task.seq_len))
     num_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(_param_groups(model, tr.weight_decay), lr=tr.lr, betas=tuple(tr.betas))
+    opt = adamw(model, tr.lr, tr.weight_decay, tuple(tr.betas), grouped=tr.grouped_decay, decay_embeddings=False)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(cfg.seed + 17)
+    steps_per_epoch = sum(math.ceil(len(p) / tr.batch_size) for p in pools)
+    schedule = WarmupCosineSchedule(
+        opt, tr.lr, tr.lr * tr.min_lr_ratio, tr.warmup_steps, tr.max_steps,
+        steps_per_epoch=steps_per_epoch if tr.schedule == "epoch_cosine" else None,
+    )
+    eval_bs = max(tr.batch_size, 256)
     best_acc, best_state, best_step, bad_evals = -1.0, None, 0, 0
     history: list[dict[str, float]] = []
     stopped = "max_steps"
     step = 0
     running_loss = 0.0
+    batches: list[tuple[int, torch.Tensor]] = []
     bar = tqdm(total=tr.max_steps, desc=cfg.describe(), disable=not progress, leave=False, dynamic_ncols=True)
     model.train()
     for step in range(1, tr.max_steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step - 1, lr=tr.lr, warmup_steps=tr.warmup_steps, max_steps=tr.max_steps,
-                                min_lr_ratio=tr.min_lr_ratio)
-        rows = torch.randint(0, len(train_data), (tr.batch_size,), generator=gen)
-        batch = train_data.index(rows).to(dev)
+        schedule.apply(step - 1)
+        if not batches:
+            batches = epoch_batches(pools, tr.batch_size, gen)
+        pool_idx, rows = batches.pop()
+        batch = pools[pool_idx].index(rows).to(dev)
         loss, _, _ = masked_loss_and_hits(_forward(model, batch), batch.labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -174,24 +184,31 @@ def train_run(
         running_loss = 0.9 * running_loss + 0.1 * loss_value if step > 1 else loss_value
         bar.update(1)
         if step % tr.eval_every == 0 or step == tr.max_steps:
-            acc = evaluate(model, valid_data, max(tr.batch_size, 256), dev)
-            history.append({"step": step, "loss": round(running_loss, 5), "valid_accuracy": round(acc, 5)})
-            bar.set_postfix(loss=f"{running_loss:.3f}", valid=f"{acc:.3f}")
-            if acc > best_acc:
-                best_acc, best_step, bad_evals = acc, step, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad_evals += 1
-            if acc >= tr.target_acc:
+            entry = {"step": step, "loss": round(running_loss, 5)}
+            if tr.keep_best:
+                acc = _pooled_accuracy(valid_pools, model, eval_bs, dev)
+                entry["valid_accuracy"] = round(acc, 5)
+                bar.set_postfix(loss=f"{running_loss:.3f}", valid=f"{acc:.3f}")
+                if acc > best_acc:
+                    best_acc, best_step, bad_evals = acc, step, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad_evals += 1
+            history.append(entry)
+            if tr.keep_best and best_acc >= tr.target_acc:
                 stopped = "target"
                 break
-            if bad_evals >= tr.patience:
+            if tr.keep_best and bad_evals >= tr.patience:
                 stopped = "patience"
                 break
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    test_acc = evaluate(model, test_data, max(tr.batch_size, 256), dev)
+    groups = []
+    for meta, data in test_groups:
+        hits, n = evaluate(model, data, eval_bs, dev)
+        groups.append({**meta, "hits": hits, "n": n, "accuracy": round(hits / max(1, n), 5)})
+    test_acc = sum(g["hits"] for g in groups) / max(1, sum(g["n"] for g in groups))
     seconds = time.perf_counter() - t0
     cpu_seconds = time.process_time() - c0
     if log is not None:
@@ -201,13 +218,18 @@ def train_run(
         "experiment": cfg.experiment,
         "model": cfg.model_name,
         "order": cfg.task.order_label,
+        "style": cfg.model.style,
+        "lr": tr.lr,
+        "seed": cfg.seed,
         "config": cfg.to_dict(),
         "state_bytes": state_bytes,
         "num_params": int(num_params),
+        "groups": groups,
         "accuracy": round(test_acc, 5),
-        "best_valid_accuracy": round(best_acc, 5),
-        "best_step": best_step,
+        "best_valid_accuracy": round(best_acc, 5) if tr.keep_best else None,
+        "best_step": best_step if tr.keep_best else step,
         "steps": step,
+        "steps_per_epoch": steps_per_epoch,
         "stopped": stopped,
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu_seconds, 2),

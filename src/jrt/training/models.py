@@ -10,6 +10,7 @@ published 360M / 1.3B runs (the authors' exact baseline configs are not reproduc
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -88,8 +89,12 @@ def model_names() -> list[str]:
     return sorted(set(names))
 
 
-def build_model(name: str, overrides: dict[str, Any] | None = None) -> nn.Module:
-    """A freshly initialised model for preset ``name`` (``overrides`` go into its config)."""
+def build_model(name: str | Any, overrides: dict[str, Any] | None = None) -> nn.Module:
+    """A freshly initialised model: ``name`` is a preset name (``overrides`` go into its config) or a model
+    config (:class:`jrt.models.JRTConfig`, ``transformers``' ``MambaConfig`` or ``LlamaConfig``). This is the
+    project's one model factory: the synthetic lab builds its models through it too."""
+    if not isinstance(name, str):
+        return _from_config(name, overrides)
     overrides = dict(overrides or {})
     if name in BASELINE_PRESETS:
         return _baseline(name, overrides)
@@ -99,6 +104,24 @@ def build_model(name: str, overrides: dict[str, Any] | None = None) -> nn.Module
         raise ValueError(f"model preset {name!r} needs jrt.models, which failed to import: {err}") from err
     check_model_overrides(name, overrides)
     return JRTForCausalLM(JRTConfig.from_preset(name, **overrides))
+
+
+def _from_config(config: Any, overrides: dict[str, Any] | None) -> nn.Module:
+    if overrides:
+        raise ValueError("overrides only apply to a preset name; set the fields on the config instead")
+    from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
+
+    from jrt.models import JRTConfig, JRTForCausalLM
+
+    if isinstance(config, JRTConfig):
+        return JRTForCausalLM(config)
+    if isinstance(config, MambaConfig):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "fast path is not available": on CPU the reference path is wanted
+            return MambaForCausalLM(config)
+    if isinstance(config, LlamaConfig):
+        return LlamaForCausalLM(config)
+    raise ValueError(f"build_model takes a preset name or a JRT / Mamba / Llama config, got {type(config).__name__}")
 
 
 def vocab_size(model: nn.Module) -> int:
