@@ -249,13 +249,16 @@ def split(q, k, v1, state0, encoder, chunk_size: int | None = None, segment_size
         per_segment = max(1, budget // group)
         spans = [(i * h + h0, i * h + min(h0 + group, h)) for i in range(b) for h0 in range(0, h, group)]
 
-    def feature_major(x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(2, (n_chunks, c)).transpose(-1, -2).reshape(bh, n_chunks, f, c)
+    def feature_major(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:  # one pass: copy (and scale)
+        view = x.unflatten(2, (n_chunks, c)).transpose(-1, -2)
+        if torch.is_grad_enabled() and x.requires_grad:  # out= does not record for autograd
+            return (view * scale).reshape(bh, n_chunks, f, c)
+        return torch.mul(view, scale, out=x.new_empty(view.shape)).view(bh, n_chunks, f, c)
 
     return Blocks(
         shape=(b, h, t),
         qt=feature_major(q),
-        kt=feature_major(k * f**-0.5),
+        kt=feature_major(k, f**-0.5),
         v1=v1,
         v1_rows=v1.reshape(bh, n_chunks, c, dv1) if per_segment == n_chunks and group > 1 else None,
         states=states, enc_kt=enc_kt, enc_v1=enc_v1, spans=spans, per_segment=per_segment,

@@ -117,7 +117,7 @@ def forward(
             scores.addcmul_(scores, scores, value=0.5).add_(1.0).tril_()
             o1 = torch.bmm(scores, vc, out=o1_buf.view(g * n, c, dv1))
             fk = features(kt, halve=True, out=feat_buf)
-            chunk_states = torch.bmm(fk, vc, out=states_buf.view(g * n, dc, dv1))
+            torch.bmm(fk, vc, out=states_buf.view(g * n, dc, dv1))  # the chunk states
             before, state = exclusive_prefix(state, states_buf, out=before_buf)
             fq = features(qt, out=feat_buf)
             o1.baddbmm_(fq.transpose(1, 2), before.view(g * n, dc, dv1))

@@ -77,9 +77,15 @@ def _internal(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _values(v: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, T, H, Dv] -> [B, H, T, Dv+1]``: ``[v, 1]`` with the rows of dropped positions set to zero."""
-    v = v.to(dtype)
-    return _internal(drop_rows(torch.cat([v, torch.ones_like(v[..., :1])], dim=-1), keep), dtype)
+    """``[B, T, H, Dv] -> [B, H, T, Dv+1]``, contiguous in that layout (one pass: the chunked form then reads
+    it without copying): ``[v, 1]`` with the rows of dropped positions set to zero (a select)."""
+    vt = v.transpose(1, 2)
+    v1 = torch.empty(*vt.shape[:-1], vt.shape[-1] + 1, dtype=dtype, device=v.device)
+    v1[..., :-1].copy_(vt)
+    v1[..., -1].fill_(1.0)
+    if keep is None:
+        return v1
+    return torch.where(keep[:, None, :, None], v1, torch.zeros((), dtype=dtype, device=v.device))
 
 
 def _divide(o1: torch.Tensor, eps: float) -> torch.Tensor:
