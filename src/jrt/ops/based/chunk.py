@@ -181,7 +181,8 @@ class Blocks:
     ``[B, H, n*C, Dv+1]`` (the time padded to ``n * C`` with zero rows), read through :meth:`values`;
     ``v1_rows``: ``[BH, n, C, Dv+1]`` contiguous when blocks hold whole sequences, else None; ``states``: the
     initial running state ``[BH, Dc, Dv+1]``; ``enc_kt, enc_v1``: ``[BH, F, L]`` and ``[BH, L, Dv+1]`` or None;
-    ``spans``: blocks ``(g0, g1)`` of (sequence, head) rows; ``per_segment``: chunks per segment.
+    ``spans``: blocks ``(g0, g1)`` of (sequence, head) rows; ``per_segment``: chunks per segment; ``budget``:
+    chunks of one row in ``SEGMENT_SIZE`` tokens.
     """
 
     shape: tuple[int, int, int]  # B, H, T
@@ -194,6 +195,7 @@ class Blocks:
     enc_v1: torch.Tensor | None
     spans: list[tuple[int, int]]
     per_segment: int
+    budget: int
 
     @property
     def n_chunks(self) -> int:
@@ -261,7 +263,7 @@ def split(q, k, v1, state0, encoder, chunk_size: int | None = None, segment_size
         kt=feature_major(k, f**-0.5),
         v1=v1,
         v1_rows=v1.reshape(bh, n_chunks, c, dv1) if per_segment == n_chunks and group > 1 else None,
-        states=states, enc_kt=enc_kt, enc_v1=enc_v1, spans=spans, per_segment=per_segment,
+        states=states, enc_kt=enc_kt, enc_v1=enc_v1, spans=spans, per_segment=per_segment, budget=budget,
     )
 
 
@@ -276,21 +278,18 @@ def forward(
     scores, per-chunk states, their exclusive prefix sums (:func:`exclusive_prefix`), and the read of those
     sums."""
     blocks = split(q, k, v1, state0, encoder)
-    rows, finals = [], []
-    for g0, g1 in blocks.spans:
-        state = blocks.start_state(g0, g1)  # [G, Dc, Dv+1]
-        pieces = []
-        for start in range(0, blocks.n_chunks, blocks.per_segment):
-            stop = min(start + blocks.per_segment, blocks.n_chunks)
-            qt, kt = blocks.qt[g0:g1, start:stop], blocks.kt[g0:g1, start:stop]  # [G, n, F, C]
-            vc = blocks.values(g0, g1, start, stop).unflatten(0, (g1 - g0, stop - start))  # [G, n, C, Dv+1]
-            scores = qt.transpose(-1, -2) @ kt
-            scores = torch.addcmul(scores, scores, scores, value=0.5).add_(1.0).tril_()
-            chunk_states = features(kt, halve=True) @ vc  # [G, n, Dc, Dv+1]
-            before, state = exclusive_prefix(state, chunk_states)
-            pieces.append(scores @ vc + features(qt).transpose(-1, -2) @ before)
-        rows.append(torch.cat(pieces, dim=1))
-        finals.append(state)
-    b, h, t = blocks.shape
-    o1 = torch.cat(rows, dim=0).reshape(b, h, -1, v1.shape[-1])[:, :, :t]
-    return o1, blocks.final_state(finals)
+    (b, h, t), n_chunks = blocks.shape, blocks.n_chunks
+    c, dv1 = blocks.qt.shape[-1], v1.shape[-1]
+    # one block of every row (autograd keeps O(T) anyway); segments cut with split(), whose backward is one cat
+    per_segment = min(n_chunks, max(1, blocks.budget // (b * h)))
+    state = blocks.start_state(0, b * h)  # [BH, Dc, Dv+1]
+    pieces = []
+    v_rows = blocks.v1.reshape(b * h, n_chunks, c, dv1)
+    for qt, kt, vc in zip(*(x.split(per_segment, dim=1) for x in (blocks.qt, blocks.kt, v_rows))):
+        scores = qt.transpose(-1, -2) @ kt  # [BH, n, C, C]
+        scores = torch.addcmul(scores, scores, scores, value=0.5).add_(1.0).tril_()
+        chunk_states = features(kt, halve=True) @ vc  # [BH, n, Dc, Dv+1]
+        before, state = exclusive_prefix(state, chunk_states)
+        pieces.append(scores @ vc + features(qt).transpose(-1, -2) @ before)
+    o1 = torch.cat(pieces, dim=1).reshape(b, h, -1, dv1)[:, :, :t]
+    return o1, blocks.final_state([state])
