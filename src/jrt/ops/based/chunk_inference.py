@@ -1,7 +1,10 @@
-"""The chunked form for inference (no autograd): the computation of :mod:`.chunk` with products written in place
-(``out=``, ``baddbmm_``), a loop of adds instead of ``cumsum`` for the prefix sums, and, on a multi-core CPU,
-the independent blocks of (sequence, head) rows run on a pool of single-threaded workers (one block per thread
-beats splitting every small product across threads).
+"""The chunked form for inference (no autograd): the computation of :mod:`.chunk` with every product and feature
+written in place into buffers made once per block (``out=``, ``baddbmm_``), the exclusive prefix sum of the chunk
+states as a loop of in-place adds, and the division by the denominator done segment by segment while the
+numerator is in cache, straight into the public ``[B, T, H, Dv]`` layout. A long sequence runs in blocks of
+several heads (one block per CPU thread) so that each product is batched over heads and chunks; on a multi-core
+CPU the independent blocks run on a pool of single-threaded workers (one block per thread beats splitting every
+small product across threads).
 
 No global setting changes: the workers set their own torch thread count once when the pool starts, and the
 default that threads created later inherit is put back before the pool is used.
