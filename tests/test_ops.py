@@ -408,3 +408,21 @@ def test_first_call_in_inference_mode_then_autograd():
     o, (s, z) = linear_attention(q, k, v, impl="chunk", output_final_state=True)
     (o.sum() + s.sum()).backward()
     assert q.grad is not None and q.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("t,h", [(100, 3), (37, 5), (7, 2)])
+def test_inference_form_divides_like_the_differentiable_form(small_segments, t, h):
+    """The inference form (blocks of heads, in-place features, division fused into the pass) against the
+    differentiable form, with an initial state, an encoder and a length that is not a multiple of the chunk."""
+    chunk_inference = importlib.import_module("jrt.ops.based.chunk_inference")
+    b, f, dv = 2, 4, 5
+    g = torch.Generator().manual_seed(t * h)
+    q, k, ke = (torch.randn(b, h, t, f, generator=g, dtype=torch.float64) for _ in range(3))
+    v1, ve1 = (torch.randn(b, h, t, dv + 1, generator=g, dtype=torch.float64) for _ in range(2))
+    state0 = torch.randn(b, h, feature_dim(f), dv + 1, generator=g, dtype=torch.float64)
+    o1, s = chunk.forward(q, k, v1, state0, (ke, ve1))
+    o1_inf, s_inf = chunk_inference.forward(q, k, v1, state0, (ke, ve1))
+    o, s_div = chunk_inference.forward(q, k, v1, state0, (ke, ve1), eps=0.5)
+    assert rel_err(o1_inf, o1) < 1e-12 and rel_err(s_inf, s) < 1e-12 and rel_err(s_div, s) < 1e-12
+    expected = (o1[..., :-1] / (o1[..., -1:] + 0.5)).transpose(1, 2)
+    assert o.shape == (b, t, h, dv) and rel_err(o, expected) < 1e-12

@@ -161,14 +161,14 @@ def encoder_state(k_enc_t: torch.Tensor, v1_enc: torch.Tensor) -> torch.Tensor:
     """The running-state form of ``sum_j phi(ke_j) [ve_j, 1]^T``: ``[..., Dc, Dv+1]``.
 
     ``k_enc_t [..., F, L]`` (feature-major) and ``v1_enc [..., L, Dv+1]`` (rows outside the prefix zeroed);
-    summed over segments so that the features stay small.
+    summed over segments of ``SEGMENT_SIZE`` tokens (all rows together) so that the features stay small.
     """
     f = k_enc_t.shape[-2]
     k_enc_t = k_enc_t * f**-0.5
+    step = max(1, SEGMENT_SIZE // max(1, k_enc_t[..., 0, 0].numel()))  # tokens per row: SEGMENT_SIZE in all
     total = None
-    for start in range(0, k_enc_t.shape[-1], SEGMENT_SIZE):
-        part = features(k_enc_t[..., start : start + SEGMENT_SIZE], halve=True)
-        part = part @ v1_enc[..., start : start + SEGMENT_SIZE, :]
+    for start in range(0, k_enc_t.shape[-1], step):
+        part = features(k_enc_t[..., start : start + step], halve=True) @ v1_enc[..., start : start + step, :]
         total = part if total is None else total + part
     return total
 
