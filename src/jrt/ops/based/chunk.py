@@ -79,6 +79,7 @@ class _Features(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (xt,) = ctx.saved_tensors
         f = xt.shape[-2]
+        grad = grad.contiguous()
         dxt = grad[..., 1 : 1 + f, :].clone()
         dxt.addcmul_(grad[..., 1 + f : 1 + 2 * f, :], xt, value=1.0 if ctx.halve else 2.0)
         start = 1 + 2 * f
@@ -167,8 +168,8 @@ def encoder_state(k_enc_t: torch.Tensor, v1_enc: torch.Tensor) -> torch.Tensor:
     k_enc_t = k_enc_t * f**-0.5
     step = max(1, SEGMENT_SIZE // max(1, k_enc_t[..., 0, 0].numel()))  # tokens per row: SEGMENT_SIZE in all
     total = None
-    for start in range(0, k_enc_t.shape[-1], step):
-        part = features(k_enc_t[..., start : start + step], halve=True) @ v1_enc[..., start : start + step, :]
+    for kt, v1 in zip(k_enc_t.split(step, dim=-1), v1_enc.split(step, dim=-2)):  # split: one cat in backward
+        part = features(kt, halve=True) @ v1
         total = part if total is None else total + part
     return total
 
@@ -290,6 +291,8 @@ def forward(
         scores = torch.addcmul(scores, scores, scores, value=0.5).add_(1.0).tril_()
         chunk_states = features(kt, halve=True) @ vc  # [BH, n, Dc, Dv+1]
         before, state = exclusive_prefix(state, chunk_states)
-        pieces.append(scores @ vc + features(qt).transpose(-1, -2) @ before)
+        # the read as (before^T fq)^T: the gradient of the features then comes out of a product contiguous
+        read = (before.transpose(-1, -2) @ features(qt)).transpose(-1, -2)
+        pieces.append(scores @ vc + read)
     o1 = torch.cat(pieces, dim=1).reshape(b, h, -1, dv1)[:, :, :t]
     return o1, blocks.final_state([state])
