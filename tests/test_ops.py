@@ -426,3 +426,10 @@ def test_inference_form_divides_like_the_differentiable_form(small_segments, t, 
     assert rel_err(o1_inf, o1) < 1e-12 and rel_err(s_inf, s) < 1e-12 and rel_err(s_div, s) < 1e-12
     expected = (o1[..., :-1] / (o1[..., -1:] + 0.5)).transpose(1, 2)
     assert o.shape == (b, t, h, dv) and rel_err(o, expected) < 1e-12
+
+
+def test_chunk_divide_and_its_backward():
+    o1 = torch.rand(2, 3, 5, 4, dtype=torch.float64) + 0.5
+    expected = (o1[..., :-1] / (o1[..., -1:] + 0.25)).transpose(1, 2)
+    assert rel_err(chunk.divide(o1, 0.25), expected) < 1e-15 and chunk.divide(o1, 0.25).is_contiguous()
+    assert torch.autograd.gradcheck(lambda x: chunk.divide(x, 0.25), o1.clone().requires_grad_())

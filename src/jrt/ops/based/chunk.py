@@ -144,6 +144,37 @@ def exclusive_prefix(
     return out, out[:, n - 1] + chunk_states[:, n - 1]
 
 
+class _Divide(torch.autograd.Function):
+    """:func:`divide` with a backward of a few fused passes (autograd's would slice the numerator and the
+    denominator out of ``o1`` into two zero-filled full-size gradients)."""
+
+    @staticmethod
+    def forward(ctx, o1: torch.Tensor, eps: float) -> torch.Tensor:
+        o1 = o1.transpose(1, 2)
+        recip = torch.reciprocal(o1[..., -1:] + eps)
+        o = torch.mul(o1[..., :-1], recip, out=o1.new_empty(*o1.shape[:-1], o1.shape[-1] - 1))
+        ctx.save_for_backward(o, recip)
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        o, recip = ctx.saved_tensors
+        grad_o1 = grad.new_empty(*grad.shape[:-1], grad.shape[-1] + 1)  # [B, T, H, Dv+1]
+        torch.mul(grad, recip, out=grad_o1[..., :-1])
+        torch.sum(grad_o1[..., :-1] * o, dim=-1, keepdim=True, out=grad_o1[..., -1:]).neg_()
+        return grad_o1.transpose(1, 2), None
+
+
+def divide(o1: torch.Tensor, eps: float) -> torch.Tensor:
+    """Numerator over denominator: ``o1 [B, H, T, Dv+1] -> o [B, T, H, Dv]`` (contiguous),
+    ``o = o1[..., :-1] / (o1[..., -1:] + eps)``; differentiable (:class:`_Divide`)."""
+    if torch.is_grad_enabled() and o1.requires_grad:
+        return _Divide.apply(o1, eps)
+    o1 = o1.transpose(1, 2)
+    return torch.div(o1[..., :-1], o1[..., -1:] + eps, out=o1.new_empty(*o1.shape[:-1], o1.shape[-1] - 1))
+
+
 def to_internal(state: torch.Tensor, f: int) -> torch.Tensor:
     """Full-map state ``[..., D, X]`` -> the running state ``U = P (w * compress_state(S))`` ``[..., Dc, X]``."""
     internal = compress_state(state, f) * monomial_weights(f, state.dtype, state.device).unsqueeze(-1)

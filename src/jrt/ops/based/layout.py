@@ -30,7 +30,7 @@ def chunked(q, k, v1, state0, encoder, eps: float | None = None):
     tensors = (q, k, v1, state0) + (tuple(encoder) if encoder is not None else ())
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
         o1, state = chunk.forward(q, k, v1, state0, encoder)
-        return (o1, state) if eps is None else (_divide(o1, eps), state)
+        return (o1, state) if eps is None else (chunk.divide(o1, eps), state)
     return chunk_inference.forward(q, k, v1, state0, encoder, eps)
 
 
