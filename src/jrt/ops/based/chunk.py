@@ -183,9 +183,7 @@ def to_internal(state: torch.Tensor, f: int) -> torch.Tensor:
 
 def to_full(internal: torch.Tensor, f: int) -> torch.Tensor:
     """Inverse of :func:`to_internal`: ``[..., Dc, X]`` -> ``[..., D, X]`` (the quadratic block symmetric)."""
-    order = diagonal_order(f).to(internal.device)
-    compressed = torch.empty_like(internal)
-    compressed[..., order, :] = internal
+    compressed = internal[..., torch.argsort(diagonal_order(f)).to(internal.device), :]
     return expand_state(compressed / monomial_weights(f, internal.dtype, internal.device).unsqueeze(-1), f)
 
 
