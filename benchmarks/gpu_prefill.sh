@@ -5,18 +5,21 @@
 #      not; default launch configurations);
 #   2. `jrt bench prefill --device cuda`: sdpa (FlashAttention-2 backend), jrt_prompt (2T), jrt_rnn (T,
 #      prefix T/2), based (T), and flash-linear-attention's Based kernels when `fla` imports;
-#      B=16, H=16, head dim 64, F=16, bfloat16, T = 2k..32k, CUDA events, median; autotuned kernels.
+#      B=16, H=16, head dim 64, F=16, bfloat16, T = 2k..32k, CUDA events, median; autotuned kernels;
+#   3. the same with `--backward`: forward + backward of every method (FlashAttention-2's backward through
+#      SDPA's flash backend, the Triton kernels' backward, flash-linear-attention's Based kernels' backward).
 #
-# Results go to $OUT (default: $TMPDIR/jrt-gpu-prefill), 5 files: env.txt, gpu_tests.log, prefill_cuda.log,
+# Results go to $OUT (default: $TMPDIR/jrt-gpu-prefill), 8 files: env.txt, gpu_tests.log, prefill_cuda.log,
 # prefill_cuda.json and prefill_cuda.md (the table to paste into the "Prefill on GPU" section of
-# docs/benchmarks.md). Expected run time on an H100/H200: a few minutes (mostly compiling and autotuning).
+# docs/benchmarks.md), and prefill_cuda_bwd.{log,json,md} for forward + backward. Expected run time on an
+# H100/H200: a few minutes (mostly compiling and autotuning). SKIP_BACKWARD=1 leaves out step 3.
 #
 # Optional: flash-linear-attention for the comparison rows. It is a pure-Python wheel (it needs einops,
 # which the GPU image has); where the GPU machine cannot reach a package index, download it into .whl/
 # beside the repo first (and ignore .whl/ in git), and it is installed from there:
 #     python -m pip download --no-deps fla-core -d .whl
 # Environment: LENGTHS (default "2048,4096,8192,16384,32768"), BATCH (16), HEADS (16), REPEATS (5),
-# SKIP_TESTS=1 to go straight to the benchmark, PYTHON (default python3).
+# SKIP_TESTS=1 to go straight to the benchmark, SKIP_BACKWARD=1 to skip step 3, PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-${TMPDIR:-/tmp}/jrt-gpu-prefill}"
@@ -61,5 +64,17 @@ if [ "$bench_status" != 0 ] && ! grep -q "jrt bench prefill (cuda):" "$OUT/prefi
     bench_status=${PIPESTATUS[0]}
 fi
 [ "$bench_status" = 0 ] || status=1
+
+if [ "${SKIP_BACKWARD:-0}" != "1" ]; then
+    bwd_args=(--lengths "$LENGTHS" --batch "${BATCH:-16}" --heads "${HEADS:-16}" --repeats "${REPEATS:-5}"
+              --backward --json "$OUT/prefill_cuda_bwd.json")
+    "$PY" -m jrt bench prefill --device cuda "${bwd_args[@]}" 2>&1 | tee "$OUT/prefill_cuda_bwd.log"
+    bwd_status=${PIPESTATUS[0]}
+    if [ "$bwd_status" != 0 ] && ! grep -q "jrt bench prefill (cuda):" "$OUT/prefill_cuda_bwd.log"; then
+        "$PY" -m jrt.bench.prefill_cuda "${bwd_args[@]}" 2>&1 | tee -a "$OUT/prefill_cuda_bwd.log"
+        bwd_status=${PIPESTATUS[0]}
+    fi
+    [ "$bwd_status" = 0 ] || status=1
+fi
 echo "results in $OUT"
 exit "$status"

@@ -37,3 +37,39 @@ def test_registry_backends_and_errors():
         build("based", "ops", Shape(1, 2, 16, 4, 8, torch.device("cpu"), torch.float32))
     with pytest.raises(ValueError, match="unknown method"):
         prefill.run_prefill([32], methods=("nope",))
+
+
+def test_prefill_backward_mode_and_fraction_of_matmul(tmp_path, capsys):
+    """--backward times forward + backward of every method; every row carries its fraction of the run's matrix
+    multiply, and the table prints it."""
+    parser = argparse.ArgumentParser()
+    prefill.add_parser(parser.add_subparsers())
+    out = tmp_path / "prefill.json"
+    args = parser.parse_args(["prefill", "--lengths", "32", "--heads", "2", "--head-dim", "8", "--feature-dim", "4",
+                              "--repeats", "1", "--warmup", "0", "--backward", "--json", str(out)])
+    assert args.func(args) == 0
+    text = capsys.readouterr().out
+    assert "forward + backward" in text and "% mm" in text
+    result = json.loads(out.read_text())
+    assert result["config"]["backward"] is True
+    mm = result["machine"]["matmul_gflops"]
+    for r in result["rows"]:
+        assert r["fraction_of_matmul"] == pytest.approx(r["gflops"] / mm)
+
+
+@pytest.mark.parametrize("method", ["sdpa", "jrt_prompt", "jrt_rnn"])
+def test_backward_cases_fill_gradients_and_count_flops(method):
+    shape = Shape(1, 2, 16, 4, 8, torch.device("cpu"), torch.float32, "chunk")
+    forward = build(method, "ops", shape)
+    shape.backward = True
+    both = build(method, "ops", shape)
+    out = both.run()
+    assert out.requires_grad and both.flops == pytest.approx(
+        forward.flops * (3.5 if method == "sdpa" else 3.0))
+
+
+def test_flop_model_of_the_chunked_algorithm():
+    """45,045 FLOPs per token at F = 16, Dv = 64 (state update and read in the compressed space, intra-chunk
+    lower triangles of C = 64), and 19,890 per prefix token."""
+    assert prefill.linear_attention_flops(1, 1, 1000, 16, 64) == 45_045 * 1000
+    assert prefill.prefix_flops(1, 1, 1000, 500, 16, 64) == 45_045 * 1000 + 19_890 * 500

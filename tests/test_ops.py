@@ -70,8 +70,8 @@ def test_compressed_state_round_trip():
 
 
 def test_chunked_running_state_is_the_compressed_space():
-    """The chunked form's running state is the public compressed state scaled by the map's weights: reading it
-    with the query monomials equals phi(q) . S, and the conversions are inverse."""
+    """The chunked form's running state is the public compressed state scaled by the map's weights, its rows in
+    the diagonal order: reading it with the query features equals phi(q) . S, and the conversions are inverse."""
     from jrt.ops.feature_map import monomials
 
     f = 5
@@ -79,9 +79,40 @@ def test_chunked_running_state_is_the_compressed_space():
     k, v, q = (torch.randn(30, n, generator=g, dtype=torch.float64) for n in (f, 4, f))
     full = taylor_feature_map(k).T @ v  # [D, Dv]
     internal = chunk.to_internal(full, f)
-    assert rel_err(monomials(q) @ internal, taylor_feature_map(q) @ full) < 1e-13
+    assert rel_err(chunk.features(q.T).T @ internal, taylor_feature_map(q) @ full) < 1e-13
     assert rel_err(chunk.to_full(internal, f), full) < 1e-13
-    assert rel_err(internal, compress_state(full, f) * chunk.monomial_weights(f, torch.float64)[:, None]) < 1e-15
+    order = chunk.diagonal_order(f)
+    weighted = compress_state(full, f) * chunk.monomial_weights(f, torch.float64)[:, None]
+    assert rel_err(internal, weighted[order]) < 1e-15
+    assert torch.equal(chunk.features(q.T).T, monomials(q)[:, order])
+
+
+@pytest.mark.parametrize("halve", [False, True])
+def test_chunk_features_and_their_backward(halve):
+    """The diagonal-order features equal the monomials (squares halved on request), written in place or not,
+    and their hand-written backward passes gradcheck."""
+    from jrt.ops.feature_map import monomials
+
+    f = 6
+    x = torch.randn(3, 7, f, dtype=torch.float64)
+    expected = monomials(x)[..., chunk.diagonal_order(f)]
+    if halve:
+        expected[..., 1 + f : 1 + 2 * f] *= 0.5
+    xt = x.transpose(-1, -2)
+    out = torch.full((3, feature_dim(f, True), 7), float("nan"), dtype=torch.float64)
+    assert rel_err(chunk.features(xt, halve=halve).transpose(-1, -2), expected) < 1e-15
+    assert chunk.features(xt, halve=halve, out=out) is out and rel_err(out.transpose(-1, -2), expected) < 1e-15
+    assert torch.autograd.gradcheck(lambda y: chunk.features(y, halve=halve), xt.clone().requires_grad_())
+
+
+def test_exclusive_prefix_and_its_backward():
+    start = torch.randn(2, 3, 4, dtype=torch.float64)
+    states = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    before, final = chunk.exclusive_prefix(start, states)
+    expected = start[:, None] + torch.cat([torch.zeros_like(states[:, :1]), states[:, :-1]], 1).cumsum(1)
+    assert rel_err(before, expected) < 1e-14 and rel_err(final, start + states.sum(1)) < 1e-14
+    inputs = (start.clone().requires_grad_(), states.clone().requires_grad_())
+    assert torch.autograd.gradcheck(chunk.exclusive_prefix, inputs)
 
 
 def test_feature_map_rejects_integers():
@@ -377,3 +408,28 @@ def test_first_call_in_inference_mode_then_autograd():
     o, (s, z) = linear_attention(q, k, v, impl="chunk", output_final_state=True)
     (o.sum() + s.sum()).backward()
     assert q.grad is not None and q.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("t,h", [(100, 3), (37, 5), (7, 2)])
+def test_inference_form_divides_like_the_differentiable_form(small_segments, t, h):
+    """The inference form (blocks of heads, in-place features, division fused into the pass) against the
+    differentiable form, with an initial state, an encoder and a length that is not a multiple of the chunk."""
+    chunk_inference = importlib.import_module("jrt.ops.based.chunk_inference")
+    b, f, dv = 2, 4, 5
+    g = torch.Generator().manual_seed(t * h)
+    q, k, ke = (torch.randn(b, h, t, f, generator=g, dtype=torch.float64) for _ in range(3))
+    v1, ve1 = (torch.randn(b, h, t, dv + 1, generator=g, dtype=torch.float64) for _ in range(2))
+    state0 = torch.randn(b, h, feature_dim(f), dv + 1, generator=g, dtype=torch.float64)
+    o1, s = chunk.forward(q, k, v1, state0, (ke, ve1))
+    o1_inf, s_inf = chunk_inference.forward(q, k, v1, state0, (ke, ve1))
+    o, s_div = chunk_inference.forward(q, k, v1, state0, (ke, ve1), eps=0.5)
+    assert rel_err(o1_inf, o1) < 1e-12 and rel_err(s_inf, s) < 1e-12 and rel_err(s_div, s) < 1e-12
+    expected = (o1[..., :-1] / (o1[..., -1:] + 0.5)).transpose(1, 2)
+    assert o.shape == (b, t, h, dv) and rel_err(o, expected) < 1e-12
+
+
+def test_chunk_divide_and_its_backward():
+    o1 = torch.rand(2, 3, 5, 4, dtype=torch.float64) + 0.5
+    expected = (o1[..., :-1] / (o1[..., -1:] + 0.25)).transpose(1, 2)
+    assert rel_err(chunk.divide(o1, 0.25), expected) < 1e-15 and chunk.divide(o1, 0.25).is_contiguous()
+    assert torch.autograd.gradcheck(lambda x: chunk.divide(x, 0.25), o1.clone().requires_grad_())

@@ -6,12 +6,27 @@ At each length T (as in the paper's operator benchmark: F = 16, head dim = Dv = 
 - ``jrt_prompt``: causal :func:`jrt.ops.linear_attention` over 2T tokens (the prompt read twice);
 - ``jrt_rnn``: :func:`jrt.ops.prefix_linear_attention` over T tokens of which the first T/2 are the prefix.
 
+``--backward`` times forward + backward (a gradient of ones on the output) of every method instead of the
+forward alone: SDPA's backward against the chunked form's.
+
 The methods, FLOP models and timers are those of :mod:`jrt.bench.prefill_methods` (its ``ops`` backend);
 ``--device cuda`` with ``--impl auto`` or ``triton`` runs its ``kernels`` backend instead
 (:mod:`jrt.bench.prefill_cuda`). Times are medians of several runs after a warm-up, measured side by side in one
-process; the table gives the
-ratios ``sdpa / jrt_*`` and each method's achieved GFLOP/s next to a matrix multiply's, measured in the same
-run. Peak memory is the CUDA allocator's peak on a GPU and the growth of the resident set (sampled) on a CPU.
+process; the table gives the ratios ``sdpa / jrt_*``, each method's achieved GFLOP/s and its fraction of the
+matrix-multiply rate measured in the same run (a ``2048 x 2048`` product in the benchmark's dtype, the best of a
+measurement before and one after the methods). Peak memory is the CUDA allocator's peak on a GPU and the growth
+of the resident set (sampled) on a CPU.
+
+FLOP model (only products count; :mod:`jrt.bench.prefill_methods` has the derivation), per (sequence, head),
+with ``Dc = 1+F+F(F+1)/2`` the compressed feature dimension and ``C = 64``:
+
+- ``sdpa``: ``2 * T^2 * Dh`` (``Q K^T`` and ``P V`` over the causal triangle);
+- ``jrt_prompt``: the minimal count of the chunked algorithm over ``2T`` tokens, ``4 * Dc * (Dv+1)`` per token
+  (state update and read) plus ``(C+1) * (F + Dv+1)`` per token (the intra-chunk products over each chunk's
+  lower triangle): 45,045 FLOPs per token at F = 16, Dv = 64;
+- ``jrt_rnn``: the same over ``T`` tokens plus ``2 * Dc * (Dv+1)`` per prefix token (the encoder state);
+- forward + backward: 3x the forward for linear attention (each product has two products of its size in the
+  backward pass), 3.5x for softmax attention (FlashAttention-2 recomputes ``Q K^T`` in its backward).
 """
 
 from __future__ import annotations
@@ -73,9 +88,11 @@ def run_prefill(
     repeats: int = 3,
     warmup: int = 1,
     impl: str = "auto",
+    backward: bool = False,
     progress: Callable[[str], None] | None = print,
 ) -> dict:
-    """Time every method at every length; returns ``{"rows": [...], "machine": {...}}``."""
+    """Time every method at every length (forward, or forward + backward with ``backward``); returns
+    ``{"rows": [...], "machine": {...}, "config": {...}}``; each row has its ``fraction_of_matmul``."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available")
@@ -85,20 +102,23 @@ def run_prefill(
     if any(t < 2 for t in lengths):
         raise ValueError(f"lengths must be >= 2, got {lengths}")
     torch_dtype = _parse_dtype(dtype, dev)
+    matmul_before = matmul_gflops(dev, torch_dtype)
     rows: list[Row] = []
     for t in lengths:
         for method in methods:
-            case = build(method, "ops", Shape(batch, heads, t, feature, head_dim, dev, torch_dtype, impl))
+            shape = Shape(batch, heads, t, feature, head_dim, dev, torch_dtype, impl, backward=backward)
+            case = build(method, "ops", shape)
             seconds, peak = time_call(case.run, dev, repeats, warmup)
             rows.append(Row(method, t, batch, heads, seconds, peak, case.flops / seconds / 1e9))
             if progress:
                 progress(f"  {method:<11} T={t:<6} {seconds * 1e3:10.1f} ms")
             del case
     machine = _machine(dev, torch_dtype)
-    machine["matmul_gflops"] = matmul_gflops(dev, torch_dtype)
-    return {"rows": [asdict(r) for r in rows], "machine": machine,
+    machine["matmul_gflops"] = max(matmul_before, matmul_gflops(dev, torch_dtype))
+    out = [asdict(r) | {"fraction_of_matmul": r.gflops / machine["matmul_gflops"]} for r in rows]
+    return {"rows": out, "machine": machine,
             "config": {"head_dim": head_dim, "feature_dim": feature, "dtype": str(torch_dtype), "impl": impl,
-                       "repeats": repeats, "warmup": warmup}}
+                       "repeats": repeats, "warmup": warmup, "backward": backward}}
 
 
 def _parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -135,12 +155,14 @@ def _cpu_name() -> str:
 
 
 def format_table(result: dict) -> str:
-    """The printed table: time, GFLOP/s, peak memory and the sdpa / jrt ratios per length."""
+    """The printed table: time, GFLOP/s, percent of the matrix-multiply rate, peak memory and the sdpa / jrt
+    ratios per length."""
     rows = result["rows"]
     by = {(r["method"], r["length"]): r for r in rows}
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     lengths = sorted({r["length"] for r in rows})
-    head = f"{'T':>7} " + "".join(f"{m + ' ms':>14}{'GFLOP/s':>9}{'peak MB':>9}" for m in methods)
+    mm = result["machine"]["matmul_gflops"]
+    head = f"{'T':>7} " + "".join(f"{m + ' ms':>14}{'GFLOP/s':>9}{'% mm':>6}{'peak MB':>9}" for m in methods)
     ratio_names = [m for m in methods if m != "sdpa"] if "sdpa" in methods else []
     head += "".join(f"{'sdpa/' + m:>16}" for m in ratio_names)
     lines = [head, "-" * len(head)]
@@ -149,17 +171,18 @@ def format_table(result: dict) -> str:
         for m in methods:
             r = by.get((m, t))
             if r is None:
-                line += f"{'-':>14}{'-':>9}{'-':>9}"
+                line += f"{'-':>14}{'-':>9}{'-':>6}{'-':>9}"
                 continue
             mem = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.0f}"
-            line += f"{r['seconds'] * 1e3:>14.1f}{r['gflops']:>9.1f}{mem:>9}"
+            line += f"{r['seconds'] * 1e3:>14.1f}{r['gflops']:>9.1f}{100 * r['gflops'] / mm:>6.1f}{mem:>9}"
         for m in ratio_names:
             if (m, t) in by and ("sdpa", t) in by:
                 line += f"{by[('sdpa', t)]['seconds'] / by[(m, t)]['seconds']:>15.1f}x"
         lines.append(line)
     machine = result["machine"]
-    lines.append(f"matrix multiply in this run: {machine['matmul_gflops']:.1f} GFLOP/s ({machine['dtype']}, "
-                 f"{machine['name']}, {machine['threads']} threads)")
+    mode = "forward + backward" if result.get("config", {}).get("backward") else "forward"
+    lines.append(f"{mode}; % mm = GFLOP/s over the matrix multiply in this run: {mm:.1f} GFLOP/s "
+                 f"({machine['dtype']}, {machine['name']}, {machine['threads']} threads)")
     return "\n".join(lines)
 
 
@@ -184,6 +207,8 @@ def add_parser(bench: argparse._SubParsersAction) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impl", default="auto", help="jrt.ops implementation (auto, chunk, triton...)")
+    parser.add_argument("--backward", action="store_true",
+                        help="time forward + backward (a gradient of ones on the output) instead of the forward")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows to this JSON file")
     parser.set_defaults(func=_main)
@@ -210,13 +235,14 @@ def _main(args: argparse.Namespace) -> int:
         return run_and_write(
             lengths, CUDA_METHODS if methods == METHODS else methods, batch=args.batch, heads=args.heads,
             head_dim=args.head_dim, feature_dim=args.feature_dim, warmup=max(1, args.warmup), repeats=args.repeats,
-            json_path=args.json,
+            json_path=args.json, backward=args.backward,
         )
     print(f"jrt bench prefill: device={args.device} B={args.batch} H={args.heads} Dh={args.head_dim} "
-          f"F={args.feature_dim} lengths={lengths}", flush=True)
+          f"F={args.feature_dim} lengths={lengths}{' forward+backward' if args.backward else ''}", flush=True)
     result = run_prefill(lengths, device=args.device, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
                          feature=args.feature_dim, dtype=args.dtype, methods=methods, repeats=args.repeats,
-                         warmup=args.warmup, impl=args.impl, progress=lambda s: print(s, flush=True))
+                         warmup=args.warmup, impl=args.impl, backward=args.backward,
+                         progress=lambda s: print(s, flush=True))
     print(format_table(result))
     if args.json is not None:
         write_json(args.json, result)

@@ -62,10 +62,12 @@ def run_cuda_prefill(
     repeats: int = 5,
     device: str | torch.device = "cuda",
     progress: bool = True,
+    backward: bool = False,
 ) -> dict:
     """Time every available method at every length. Returns ``{"device", "ceilings", "rows"}``; each row has
     ``method, T, batch, heads, ms, tokens_per_s, tflops, gbps, speedup_vs_sdpa`` (``None`` when not measured),
-    and ``autotuned``: the launch configuration the autotuner chose for each Triton kernel."""
+    and ``autotuned``: the launch configuration the autotuner chose for each Triton kernel. ``backward``: time
+    forward + backward (FlashAttention-2's backward for ``sdpa``) instead of the forward."""
     if not torch.cuda.is_available():
         raise ValueError("the CUDA prefill benchmark needs a CUDA device (torch.cuda.is_available() is False)")
     device = torch.device(device)
@@ -92,7 +94,8 @@ def run_cuda_prefill(
             row = {"method": method, "T": t, "batch": batch, "heads": heads, "ms": None, "tokens_per_s": None,
                    "tflops": None, "gbps": None, "speedup_vs_sdpa": None, "error": None}
             try:
-                case = build(method, "kernels", Shape(batch, heads, t, feature_dim, head_dim, device, torch.bfloat16))
+                shape = Shape(batch, heads, t, feature_dim, head_dim, device, torch.bfloat16, backward=backward)
+                case = build(method, "kernels", shape)
                 ms = cuda_time_ms(case.run, warmup=warmup, repeats=repeats, device=device)
                 row.update(ms=ms, tokens_per_s=case.tokens / ms * 1e3, tflops=case.flops / ms / 1e9,
                            gbps=case.nbytes / ms / 1e6)
@@ -117,7 +120,7 @@ def run_cuda_prefill(
         "ceilings": ceilings,
         "skipped_methods": skipped,
         "config": {"batch": batch, "heads": heads, "head_dim": head_dim, "feature_dim": feature_dim,
-                   "dtype": "bfloat16", "warmup": warmup, "repeats": repeats},
+                   "dtype": "bfloat16", "warmup": warmup, "repeats": repeats, "backward": backward},
         "autotuned": _autotuned(),
         "rows": rows,
     }
@@ -137,8 +140,9 @@ def _fmt(x, spec: str) -> str:
 def markdown_table(result: dict) -> str:
     """The result as a Markdown section body: ceilings, then one table row per (T, method)."""
     c = result["ceilings"]
+    mode = "forward + backward" if result["config"].get("backward") else "forward"
     lines = [
-        f"Device: {result['device']} (torch {result['torch']}); measured ceilings: bf16 matmul "
+        f"Device: {result['device']} (torch {result['torch']}), {mode}; measured ceilings: bf16 matmul "
         f"{c['matmul_bf16_tflops']:.0f} TFLOP/s, device copy {c['copy_gbps']:.0f} GB/s. "
         f"Config: {json.dumps(result['config'])}.",
         "",
@@ -175,6 +179,7 @@ def add_cuda_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(CUDA_METHODS), help=f"subset of {','.join(CUDA_METHODS)}")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backward", action="store_true", help="time forward + backward instead of the forward")
     parser.add_argument("--json", type=Path, default=None,
                         help="write the result as JSON here (and the Markdown table beside it, .md)")
 
@@ -188,16 +193,16 @@ def _split(text: str, name: str, cast=str) -> list:
 
 def run_and_write(
     lengths: list[int], methods: tuple[str, ...], *, batch: int, heads: int, head_dim: int, feature_dim: int,
-    warmup: int, repeats: int, json_path: Path | None,
+    warmup: int, repeats: int, json_path: Path | None, backward: bool = False,
 ) -> int:
     """Run the CUDA benchmark, print the Markdown table, write JSON and ``.md`` beside it when asked."""
     if any(t < 2 for t in lengths):
         raise ValueError(f"lengths must be >= 2, got {lengths}")
     print(f"jrt bench prefill (cuda): B={batch} H={heads} Dh={head_dim} F={feature_dim} lengths={lengths} "
-          f"methods={','.join(methods)}", flush=True)
+          f"methods={','.join(methods)}{' forward+backward' if backward else ''}", flush=True)
     result = run_cuda_prefill(
         lengths=tuple(lengths), batch=batch, heads=heads, head_dim=head_dim, feature_dim=feature_dim,
-        methods=methods, warmup=warmup, repeats=repeats,
+        methods=methods, warmup=warmup, repeats=repeats, backward=backward,
     )
     table = markdown_table(result)
     print(table)
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_and_write(
             _split(args.lengths, "lengths", int), tuple(_split(args.methods, "methods")), batch=args.batch,
             heads=args.heads, head_dim=args.head_dim, feature_dim=args.feature_dim, warmup=args.warmup,
-            repeats=args.repeats, json_path=args.json,
+            repeats=args.repeats, json_path=args.json, backward=args.backward,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

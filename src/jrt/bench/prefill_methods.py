@@ -29,6 +29,27 @@ from jrt.ops import linear_attention, prefix_linear_attention
 from jrt.ops.feature_map import feature_dim
 
 # ------------------------------------------------------------------------------------------------ FLOP models
+#
+# Only the products of the algorithms count (elementwise work is free in these models), so that a method's
+# FLOP rate divided by the same run's matrix-multiply rate says how close it runs to the machine's limit.
+#
+# * Causal softmax attention (``sdpa``): ``Q K^T`` and ``P V`` over the lower triangle, ``2 * 2 * T^2/2 * Dh``
+#   per (sequence, head).
+# * The chunked linear attention (the minimal count of the chunked algorithm with chunks of ``C = 64`` and the
+#   compressed feature space, ``Dc = 1+F+F(F+1)/2``), per token: the state update ``phi(k) [v, 1]^T`` and the
+#   state read ``phi(q) . S``, ``2 * 2 * Dc * (Dv+1)``, plus the intra-chunk products over the lower triangle
+#   of each chunk (diagonal included), ``q.k`` and ``scores @ [v, 1]``: ``2 * (C+1)/2 * (F + Dv+1)``. The
+#   prefix operator adds the encoder state, ``2 * Dc * (Dv+1)`` per prefix token. With F = 16, Dv = 64:
+#   45,045 FLOPs per token and 19,890 per prefix token. The count does not depend on the chunk the
+#   implementation uses: a larger chunk computes more products, none of which is counted.
+# * Forward + backward: the backward pass of a product ``A B`` is two products of the same size, so linear
+#   attention's forward + backward is 3x its forward; FlashAttention-2's backward recomputes ``Q K^T`` too
+#   (five products to the forward's two), so softmax attention's forward + backward is 3.5x its forward.
+
+#: Chunk length of the FLOP model of the chunked linear attention.
+MODEL_CHUNK = 64
+#: Forward + backward FLOPs over forward FLOPs: linear attention (chunked form and kernels), softmax attention.
+BACKWARD_FACTOR = {"linear": 3.0, "sdpa": 3.5}
 
 
 def sdpa_flops(batch: int, heads: int, length: int, head_dim: int) -> float:
@@ -36,17 +57,18 @@ def sdpa_flops(batch: int, heads: int, length: int, head_dim: int) -> float:
     return 2.0 * batch * heads * length * length * head_dim
 
 
-def linear_attention_flops(batch: int, heads: int, length: int, f: int, dv: int, chunk: int = 64) -> float:
-    """Causal linear attention in the chunked PyTorch form: intra-chunk ``QK^T`` and ``A [v, 1]`` plus the state
-    update and read in the compressed feature space (``D = 1+F+F(F+1)/2``)."""
+def linear_attention_flops(batch: int, heads: int, length: int, f: int, dv: int, chunk: int = MODEL_CHUNK) -> float:
+    """Causal linear attention, the minimal count of the chunked algorithm: per token the state update and read
+    in the compressed feature space, ``4 * Dc * (Dv+1)``, and the intra-chunk products over the lower triangle,
+    ``(C+1) * (F + Dv+1)`` (``Dc = 1+F+F(F+1)/2``, ``C = 64``)."""
     d = feature_dim(f, compressed=True)
-    per_token = 2 * chunk * (f + dv + 1) + 4 * d * (dv + 1)
+    per_token = 4 * d * (dv + 1) + (chunk + 1) * (f + dv + 1)
     return float(batch * heads * length * per_token)
 
 
-def prefix_flops(batch: int, heads: int, length: int, prefix: int, f: int, dv: int, chunk: int = 64) -> float:
-    """Prefix linear attention in the chunked PyTorch form: the encoder state over the prefix plus the causal
-    pass."""
+def prefix_flops(batch: int, heads: int, length: int, prefix: int, f: int, dv: int, chunk: int = MODEL_CHUNK) -> float:
+    """Prefix linear attention: the causal pass (:func:`linear_attention_flops`) plus the encoder state over the
+    prefix, ``2 * Dc * (Dv+1)`` per prefix token."""
     d = feature_dim(f, compressed=True)
     return linear_attention_flops(batch, heads, length, f, dv, chunk) + 2.0 * batch * heads * prefix * d * (dv + 1)
 
@@ -155,7 +177,8 @@ def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warm
 @dataclass
 class Shape:
     """One benchmark point: ``batch`` sequences, ``heads`` heads, prompt ``length`` T, query/key ``feature`` dim F
-    and ``head_dim`` (sdpa head dim and value dim Dv), on ``device`` in ``dtype``; ``impl`` for the ops backend."""
+    and ``head_dim`` (sdpa head dim and value dim Dv), on ``device`` in ``dtype``; ``impl`` for the ops backend;
+    ``backward``: time forward + backward (a gradient of ones on the output) instead of the forward alone."""
 
     batch: int
     heads: int
@@ -165,6 +188,7 @@ class Shape:
     device: torch.device
     dtype: torch.dtype
     impl: str = "auto"
+    backward: bool = False
 
 
 @dataclass
@@ -182,12 +206,31 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
-    def call() -> object:
-        with torch.no_grad():
-            return fn()
+def _prepared(forward: Callable[[], object], inputs: tuple[torch.Tensor, ...], backward: bool) -> Callable[[], object]:
+    """The timed call: ``forward()`` without autograd, or (``backward``) forward and backward with respect to
+    ``inputs`` (made leaves that require a gradient here), with a gradient of ones on the output."""
+    if not backward:
+        def call() -> object:
+            with torch.no_grad():
+                return forward()
 
-    return call
+        return call
+    for x in inputs:
+        x.requires_grad_(True)
+
+    def call_backward() -> object:
+        for x in inputs:
+            x.grad = None
+        out = forward()
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+        return out
+
+    return call_backward
+
+
+def _flops(forward_flops: float, kind: str, s: Shape) -> float:
+    return forward_flops * (BACKWARD_FACTOR[kind] if s.backward else 1.0)
 
 
 class _Inputs:
@@ -210,16 +253,17 @@ class _Inputs:
 def _sdpa_ops(s: Shape) -> Case:
     randn = _Inputs(s, on_device=False)
     q, k, v = (randn(s.batch, s.heads, s.length, s.head_dim) for _ in range(3))
-    run = _no_grad(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-    return Case(run, sdpa_flops(s.batch, s.heads, s.length, s.head_dim), s.batch * s.length, _nbytes(q, k, v, v))
+    run = _prepared(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), s.backward)
+    flops = _flops(sdpa_flops(s.batch, s.heads, s.length, s.head_dim), "sdpa", s)
+    return Case(run, flops, s.batch * s.length, _nbytes(q, k, v, v))
 
 
 def _linear_ops(s: Shape, length: int) -> Case:
     randn = _Inputs(s, on_device=False)
     q, k = randn(s.batch, length, s.heads, s.feature), randn(s.batch, length, s.heads, s.feature)
     v = randn(s.batch, length, s.heads, s.head_dim)
-    run = _no_grad(lambda: linear_attention(q, k, v, impl=s.impl))
-    flops = linear_attention_flops(s.batch, s.heads, length, s.feature, s.head_dim)
+    run = _prepared(lambda: linear_attention(q, k, v, impl=s.impl), (q, k, v), s.backward)
+    flops = _flops(linear_attention_flops(s.batch, s.heads, length, s.feature, s.head_dim), "linear", s)
     return Case(run, flops, s.batch * s.length, _nbytes(q, k, v, v))
 
 
@@ -229,8 +273,9 @@ def _prefix_ops(s: Shape) -> Case:
     q, k, ke = (randn(s.batch, t, s.heads, s.feature) for _ in range(3))
     v, ve = randn(s.batch, t, s.heads, s.head_dim), randn(s.batch, t, s.heads, s.head_dim)
     lengths = torch.full((s.batch,), t // 2, dtype=torch.long, device=s.device)
-    run = _no_grad(lambda: prefix_linear_attention(q, k, v, ke, ve, lengths, impl=s.impl))
-    flops = prefix_flops(s.batch, s.heads, t, t // 2, s.feature, s.head_dim)
+    run = _prepared(lambda: prefix_linear_attention(q, k, v, ke, ve, lengths, impl=s.impl), (q, k, v, ke, ve),
+                    s.backward)
+    flops = _flops(prefix_flops(s.batch, s.heads, t, t // 2, s.feature, s.head_dim), "linear", s)
     return Case(run, flops, s.batch * t, _nbytes(q, k, v, ke, ve, v))
 
 
@@ -240,11 +285,12 @@ def _sdpa_flash(s: Shape) -> Case:
     randn = _Inputs(s, on_device=True)
     q, k, v = (randn(s.batch, s.heads, s.length, s.head_dim) for _ in range(3))
 
-    def run():
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    def forward():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # forward and backward: FlashAttention-2
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    return Case(run, sdpa_flops(s.batch, s.heads, s.length, s.head_dim), s.batch * s.length, _nbytes(q, k, v, v))
+    flops = _flops(sdpa_flops(s.batch, s.heads, s.length, s.head_dim), "sdpa", s)
+    return Case(_prepared(forward, (q, k, v), s.backward), flops, s.batch * s.length, _nbytes(q, k, v, v))
 
 
 def _linear_kernel(s: Shape, length: int) -> Case:
@@ -253,8 +299,9 @@ def _linear_kernel(s: Shape, length: int) -> Case:
     randn = _Inputs(s, on_device=True)
     q, k = randn(s.batch, length, s.heads, s.feature, scale=0.5), randn(s.batch, length, s.heads, s.feature, scale=0.5)
     v = randn(s.batch, length, s.heads, s.head_dim)
-    flops = kernel_flops(s.batch, s.heads, length, s.feature, s.head_dim)
-    return Case(lambda: kernels.linear_attention(q, k, v), flops, s.batch * s.length, _nbytes(q, k, v, v))
+    flops = _flops(kernel_flops(s.batch, s.heads, length, s.feature, s.head_dim), "linear", s)
+    run = _prepared(lambda: kernels.linear_attention(q, k, v), (q, k, v), s.backward)
+    return Case(run, flops, s.batch * s.length, _nbytes(q, k, v, v))
 
 
 def _prefix_kernel(s: Shape) -> Case:
@@ -266,8 +313,8 @@ def _prefix_kernel(s: Shape) -> Case:
     v = randn(s.batch, t, s.heads, s.head_dim)
     ke, ve = randn(s.batch, t, s.heads, s.feature, scale=0.5), randn(s.batch, t, s.heads, s.head_dim)
     prefix = torch.full((s.batch,), t // 2, device=s.device, dtype=torch.long)
-    flops = kernel_flops(s.batch, s.heads, t, s.feature, s.head_dim, prefix=t // 2)
-    run = lambda: kernels.prefix_linear_attention(q, k, v, ke, ve, prefix)  # noqa: E731
+    flops = _flops(kernel_flops(s.batch, s.heads, t, s.feature, s.head_dim, prefix=t // 2), "linear", s)
+    run = _prepared(lambda: kernels.prefix_linear_attention(q, k, v, ke, ve, prefix), (q, k, v, ke, ve), s.backward)
     return Case(run, flops, s.batch * t, _nbytes(q, k, v, ke, ve, v))
 
 
@@ -290,15 +337,15 @@ def _fla_kernel(name: str) -> Callable[[Shape], Case]:
         k = randn(s.batch, s.length, s.heads, s.feature, scale=0.5)
         v = randn(s.batch, s.length, s.heads, s.head_dim)
 
-        def run():
+        def forward():
             # fla >= 0.2 takes [B, T, H, *]; some releases had a head_first flag that must then be False
             try:
                 return op(q, k, v, head_first=False)
             except TypeError:
                 return op(q, k, v)
 
-        flops = kernel_flops(s.batch, s.heads, s.length, s.feature, s.head_dim)
-        return Case(run, flops, s.batch * s.length, _nbytes(q, k, v, v))
+        flops = _flops(kernel_flops(s.batch, s.heads, s.length, s.feature, s.head_dim), "linear", s)
+        return Case(_prepared(forward, (q, k, v), s.backward), flops, s.batch * s.length, _nbytes(q, k, v, v))
 
     return build
 

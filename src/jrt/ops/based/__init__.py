@@ -4,8 +4,9 @@ flash-linear-attention (``fla/ops/based``).
 * :mod:`.naive` - the plain quadratic forms with the explicit feature map: the specification and the test
   oracle;
 * :mod:`.chunk` - the chunked form (linear in T, differentiable);
-* :mod:`.chunk_inference` - the same chunked form for inference: in-place products and, on a multi-core
-  CPU, independent head blocks on a pool of single-threaded workers (no global setting is touched);
+* :mod:`.chunk_inference` - the same chunked form for inference: in-place products and features, the division
+  fused into the pass and, on a multi-core CPU, independent head blocks on a pool of single-threaded workers
+  (no global setting is touched);
 * :mod:`.recurrent` - the token loop, the decoding form;
 * :mod:`.layout` - the public layout around the internal one, shared by the PyTorch forms and the Triton
   kernels' backward pass;

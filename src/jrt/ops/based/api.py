@@ -84,7 +84,7 @@ def _triton(q, k, v, keep, state0: State | None, encoder: Encoder | None, eps: f
 #: The one dispatch table of both operators: ``impl`` -> form on the public layout.
 FORMS: dict[str, Callable] = {
     "reference": pytorch_form(naive.forward),
-    "chunk": pytorch_form(chunked),
+    "chunk": pytorch_form(chunked, divides=True),
     "recurrent": pytorch_form(recurrent.forward),
     "triton": _triton,
 }

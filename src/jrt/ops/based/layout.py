@@ -23,19 +23,23 @@ from jrt.ops.common import State, compute_dtype, drop_rows, exact, prefix_positi
 Encoder = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def chunked(q, k, v1, state0, encoder):
-    """The chunked form: differentiable when autograd needs it, else the inference variant."""
+def chunked(q, k, v1, state0, encoder, eps: float | None = None):
+    """The chunked form: differentiable when autograd needs it, else the inference variant. With ``eps`` it
+    returns ``(o [B, T, H, Dv], state)``, the division done (by the inference variant while its numerator is in
+    cache), instead of ``(o1, state)``."""
     tensors = (q, k, v1, state0) + (tuple(encoder) if encoder is not None else ())
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
-        return chunk.forward(q, k, v1, state0, encoder)
-    return chunk_inference.forward(q, k, v1, state0, encoder)
+        o1, state = chunk.forward(q, k, v1, state0, encoder)
+        return (o1, state) if eps is None else (chunk.divide(o1, eps), state)
+    return chunk_inference.forward(q, k, v1, state0, encoder, eps)
 
 
-def pytorch_form(core: Callable) -> Callable:
+def pytorch_form(core: Callable, divides: bool = False) -> Callable:
     """A form on the public layout around ``core`` (the internal layout of :mod:`jrt.ops.based`): puts the
     inputs in the compute dtype and ``[B, H, T, *]`` layout, replaces dropped keys and ``[v, 1]`` rows by zeros
     (a select: a NaN or inf at a padded position cannot leak), cuts the encoder inputs after the last prefix
-    position, and divides numerator by denominator."""
+    position, and divides numerator by denominator (``divides``: ``core`` takes ``eps`` and divides itself,
+    returning ``o [B, T, H, Dv]``, as :func:`chunked` does)."""
 
     def form(q, k, v, keep, state0: State | None, encoder: Encoder | None, eps: float, output_final_state: bool):
         dtype = compute_dtype(q, k, v, *(encoder[:2] if encoder is not None else ()))
@@ -55,8 +59,12 @@ def pytorch_form(core: Callable) -> Callable:
                     in_prefix = in_prefix[:, :cut]
                     enc = (_internal(drop_rows(k_enc[:, :cut], in_prefix), dtype),
                            _values(v_enc[:, :cut], in_prefix, dtype))
-            o1, state = core(qh, kh, v1, packed0, enc)
-            o = _normalise(o1, eps, v.dtype)
+            if divides:
+                o, state = core(qh, kh, v1, packed0, enc, eps)
+                o = o.to(v.dtype)
+            else:
+                o1, state = core(qh, kh, v1, packed0, enc)
+                o = _divide(o1, eps).to(v.dtype)
         # float32 state for float32/bfloat16 inputs, float64 for float64 inputs (the compute dtype)
         return o, ((state[..., :-1], state[..., -1]) if output_final_state else None)
 
@@ -69,16 +77,22 @@ def _internal(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _values(v: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, T, H, Dv] -> [B, H, T, Dv+1]``: ``[v, 1]`` with the rows of dropped positions set to zero."""
-    v = v.to(dtype)
-    return _internal(drop_rows(torch.cat([v, torch.ones_like(v[..., :1])], dim=-1), keep), dtype)
+    """``[B, T, H, Dv] -> [B, H, T, Dv+1]``, contiguous in that layout (one pass: the chunked form then reads
+    it without copying): ``[v, 1]`` with the rows of dropped positions set to zero (a select)."""
+    vt = v.transpose(1, 2)
+    v1 = torch.empty(*vt.shape[:-1], vt.shape[-1] + 1, dtype=dtype, device=v.device)
+    v1[..., :-1].copy_(vt)
+    v1[..., -1].fill_(1.0)
+    if keep is None:
+        return v1
+    return torch.where(keep[:, None, :, None], v1, torch.zeros((), dtype=dtype, device=v.device))
 
 
-def _normalise(o1: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+def _divide(o1: torch.Tensor, eps: float) -> torch.Tensor:
     """``[B, H, T, Dv+1] -> [B, T, H, Dv]`` (contiguous): numerator over denominator."""
     o1 = o1.transpose(1, 2)
     den = o1[..., -1:] + eps
     if o1.requires_grad:
-        return (o1[..., :-1] / den).to(out_dtype)
+        return o1[..., :-1] / den
     out = torch.empty(o1.shape[:-1] + (o1.shape[-1] - 1,), dtype=o1.dtype, device=o1.device)
-    return torch.div(o1[..., :-1], den, out=out).to(out_dtype)
+    return torch.div(o1[..., :-1], den, out=out)
