@@ -17,13 +17,18 @@ import warnings
 _TARGET = "transformers"
 
 
+#: Packages whose import registers model classes with the Auto factories.
+_MODEL_PACKAGES = ("jrt.models", "jrt.linearize")
+
+
 def _register() -> None:
-    if any(name == "jrt.models" or name.startswith("jrt.models.") for name in sys.modules):
-        return  # jrt.models is being (or has been) imported: it registers itself when it finishes
-    try:
-        importlib.import_module("jrt.models")  # registers on import
-    except Exception as err:  # pragma: no cover - a broken transformers installation
-        warnings.warn(f"jrt: could not register the JRT models with transformers: {err}", stacklevel=2)
+    for package in _MODEL_PACKAGES:
+        if any(name == package or name.startswith(package + ".") for name in sys.modules):
+            continue  # being (or already) imported: it registers itself when it finishes
+        try:
+            importlib.import_module(package)  # registers on import
+        except Exception as err:  # pragma: no cover - a broken transformers installation
+            warnings.warn(f"jrt: could not register the {package} models with transformers: {err}", stacklevel=2)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
