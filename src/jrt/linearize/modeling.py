@@ -480,3 +480,6 @@ def register_auto_classes() -> None:
     AutoConfig.register(LinearizedConfig.model_type, LinearizedConfig, exist_ok=True)
     AutoModel.register(LinearizedConfig, LinearizedModel, exist_ok=True)
     AutoModelForCausalLM.register(LinearizedConfig, LinearizedForCausalLM, exist_ok=True)
+
+
+register_auto_classes()
