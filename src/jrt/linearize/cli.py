@@ -15,9 +15,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.action == "tokenizer":
-        from jrt.linearize.train import load_teacher
+        from jrt.linearize.train import load_teacher_tokenizer
 
-        _, tokenizer = load_teacher(args.teacher, args.gguf_file)
+        tokenizer = load_teacher_tokenizer(args.teacher, args.gguf_file)
         tokenizer.save_pretrained(args.output)
         print(f"{args.output}: tokenizer of {args.teacher} ({len(tokenizer)} tokens)")
         return 0
@@ -82,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--max-minutes", type=float, help="wall-time budget (half transfer, half fine-tuning)")
     budget.add_argument("--max-tokens", type=int, help="token budget (half transfer, half fine-tuning)")
     p.add_argument("--lr-transfer", type=float, default=1e-2)
-    p.add_argument("--lr-finetune", type=float, default=2e-4)
+    p.add_argument("--lr-finetune", type=float, default=5e-4)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--mask-token-id", type=int, help="jrt mode: masked-LM input id (default: a spare special token)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")

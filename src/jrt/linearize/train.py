@@ -55,7 +55,7 @@ class LinearizeConfig:
     max_tokens: int | None = None
     max_minutes: float | None = None
     lr_transfer: float = 1e-2
-    lr_finetune: float = 2e-4
+    lr_finetune: float = 5e-4
     warmup_steps: int = 10
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -93,14 +93,12 @@ class LinearizeConfig:
 # ---------------------------------------------------------------------------------------------- teacher
 
 
-def load_teacher(name: str, gguf_file: str | None = None) -> tuple[nn.Module, Any]:
-    """The teacher causal LM (float32, eval) and its tokenizer; ``smollm2-135m`` resolves to the packaged GGUF.
-
-    Raises ``ValueError`` (one line) for an unsupported architecture, before loading any weight.
-    """
+def resolve_teacher(name: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(folder or id, gguf file)`` of a teacher (``smollm2-135m`` resolves to the packaged GGUF), after checking
+    from its configuration alone that it is a supported family (one-line ``ValueError`` otherwise)."""
     from transformers import AutoConfig
 
-    from jrt.evaluation.models import load_model, load_tokenizer, resolve_model_source
+    from jrt.evaluation.models import resolve_model_source
 
     source, gguf = resolve_model_source(name, gguf_file)
     try:
@@ -109,6 +107,22 @@ def load_teacher(name: str, gguf_file: str | None = None) -> tuple[nn.Module, An
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"could not load the teacher {name!r}: {first}") from None
     check_teacher_type(getattr(config, "model_type", None))
+    return source, gguf
+
+
+def load_teacher_tokenizer(name: str, gguf_file: str | None = None) -> Any:
+    """The teacher's tokenizer (for ``jrt data prepare --tokenizer``)."""
+    from jrt.evaluation.models import load_tokenizer
+
+    return load_tokenizer(*resolve_teacher(name, gguf_file))
+
+
+def load_teacher(name: str, gguf_file: str | None = None) -> tuple[nn.Module, Any]:
+    """The teacher causal LM (float32, eval, frozen) and its tokenizer; unsupported architectures are refused
+    before any weight is loaded."""
+    from jrt.evaluation.models import load_model, load_tokenizer
+
+    source, gguf = resolve_teacher(name, gguf_file)
     model = load_model(source, gguf, dtype="float32")
     for p in model.parameters():
         p.requires_grad_(False)
