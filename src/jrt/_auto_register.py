@@ -17,13 +17,22 @@ import warnings
 _TARGET = "transformers"
 
 
+#: Modules whose import registers model classes with the Auto factories -> the modules that, once in
+#: ``sys.modules`` (being imported or imported), mean that the registration happens without us.
+_MODEL_MODULES: dict[str, tuple[str, ...]] = {
+    "jrt.models": ("jrt.models",),
+    "jrt.linearize.modeling": ("jrt.linearize.configuration", "jrt.linearize.modeling"),
+}
+
+
 def _register() -> None:
-    if any(name == "jrt.models" or name.startswith("jrt.models.") for name in sys.modules):
-        return  # jrt.models is being (or has been) imported: it registers itself when it finishes
-    try:
-        importlib.import_module("jrt.models")  # registers on import
-    except Exception as err:  # pragma: no cover - a broken transformers installation
-        warnings.warn(f"jrt: could not register the JRT models with transformers: {err}", stacklevel=2)
+    for module, guards in _MODEL_MODULES.items():
+        if any(name == g or name.startswith(g + ".") for g in guards for name in sys.modules):
+            continue  # being (or already) imported: it registers itself when it finishes
+        try:
+            importlib.import_module(module)  # registers on import
+        except Exception as err:  # pragma: no cover - a broken transformers installation
+            warnings.warn(f"jrt: could not register the {module} models with transformers: {err}", stacklevel=2)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

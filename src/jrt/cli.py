@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "jrt.training.cli",
     "jrt.evaluation.cli",
     "jrt.convert_cli",
+    "jrt.linearize.cli",
 )
 
 
