@@ -372,7 +372,10 @@ class Linearizer:
                                     keep_last=2)
 
     def _resume(self, path: Path) -> None:
-        state = ckpt.read_trainer_state(path)
+        state = ckpt.read_trainer_state(path, pretraining=False)
+        if state.get("stage") not in (1, 2) or not isinstance(state.get("teacher_fingerprint"), str):
+            raise ckpt.CorruptFileError(f"checkpoint {path} is corrupt: trainer_state.json needs stage 1 or 2 and "
+                                        "a teacher_fingerprint")
         if state["teacher_fingerprint"] != self.fingerprint:
             raise ValueError(f"checkpoint {path} was made with another teacher")
         saved = dict(state["config"])

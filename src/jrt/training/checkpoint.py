@@ -196,8 +196,9 @@ def save_checkpoint(
 # ---------------------------------------------------------------------------------------------- load
 
 
-def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    """``trainer_state.json`` of a checkpoint, checked field by field.
+def read_trainer_state(path: str | Path, pretraining: bool = True) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint, checked field by field: version, step and config always, the
+    pretraining trainer's scheduler and data position with ``pretraining`` (other trainers check their own).
 
     Raises:
         CorruptFileError: missing, not JSON, or a (hand-edited) field of the wrong type or range.
@@ -224,7 +225,10 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
 
     step = state.get("step")
     check("step", is_count(step), "an int >= 0", step)
-    for name in ("scheduler", "data", "config"):
+    check("config", isinstance(state.get("config"), dict), "an object", state.get("config"))
+    if not pretraining:  # another trainer (jrt linearize) checks its own fields
+        return state
+    for name in ("scheduler", "data"):
         check(name, isinstance(state.get(name), dict), "an object", state.get(name))
     consumed = state["data"].get("sequences_consumed")
     check("data.sequences_consumed", is_count(consumed), "an int >= 0", consumed)
