@@ -8,7 +8,6 @@ comparison at realistic sizes on CUDA, and one test compiles the kernels for sm_
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -22,13 +21,10 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import jrt.ops as ops  # noqa: E402
+from helpers import interpreting  # noqa: E402
 from jrt.ops.triton import _backward, _backward_kernels  # noqa: E402
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRETING and type(_backward_kernels.bwd_dq_kernel).__name__ != "InterpretedFunction":
-    # imported earlier in this process without the interpreter: decorate the kernels again
-    importlib.reload(_backward_kernels)
-    importlib.reload(_backward)
+INTERPRETING = interpreting(_backward_kernels, "bwd_dq_kernel", _backward)
 
 cpu_kernels = pytest.mark.skipif(not INTERPRETING, reason="CPU runs need TRITON_INTERPRET=1")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

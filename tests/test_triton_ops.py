@@ -21,13 +21,11 @@ pytest.importorskip("triton")
 
 import jrt.ops as ops  # noqa: E402
 import jrt.ops.triton as jt  # noqa: E402
+from helpers import interpreting  # noqa: E402
 from jrt.ops import feature_dim  # noqa: E402
 from jrt.ops.triton import _kernels  # noqa: E402
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRETING and type(_kernels.causal_fwd_kernel).__name__ != "InterpretedFunction":
-    # imported earlier in this process without the interpreter: decorate the kernels again
-    importlib.reload(_kernels)
+INTERPRETING = interpreting(_kernels, "causal_fwd_kernel")
 
 CPU = torch.device("cpu")
 cpu_kernels = pytest.mark.skipif(not INTERPRETING, reason="CPU runs need TRITON_INTERPRET=1")
