@@ -383,15 +383,17 @@ def test_operators_ignore_autocast(impl):
     assert rel_err(causal, linear_attention(q, k, v, impl="reference")[0]) < 1e-4
 
 
-def test_chunked_form_with_several_threads(small_segments):
-    """With several torch threads the chunked form runs independent head blocks in a thread pool."""
+@pytest.mark.parametrize("no_autograd", [torch.no_grad, torch.inference_mode])
+def test_chunked_form_with_several_threads(small_segments, no_autograd):
+    """With several torch threads the chunked form runs independent head blocks in a thread pool, also under
+    ``torch.inference_mode()`` (as ``generate()`` runs), whose tensors only inference-mode threads may write."""
     q, k, v, ke, ve = make_qkv(2, 100, 3, 4, 5, seed=12, enc=True)
     lengths = torch.tensor([30, 0])
     ref, s_ref = prefix_linear_attention(q, k, v, ke, ve, lengths, impl="reference", output_final_state=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with torch.no_grad():
+        with no_autograd():
             out, s = prefix_linear_attention(q, k, v, ke, ve, lengths, impl="chunk", output_final_state=True)
     finally:
         torch.set_num_threads(threads)

@@ -55,8 +55,12 @@ def run_blocks(fn: Callable[[int, int], torch.Tensor], spans: list[tuple[int, in
     blocks)."""
     threads = torch.get_num_threads()
     if device.type == "cpu" and threads > 1 and len(spans) > 1:
+        inference = torch.is_inference_mode_enabled()
+
         def in_worker(span: tuple[int, int]) -> torch.Tensor:
-            with torch.no_grad():  # grad mode is per thread
+            # grad and inference mode are per thread: a caller under torch.inference_mode() (as generate() is)
+            # hands over inference tensors, which only a thread in inference mode may write to.
+            with torch.inference_mode(inference), torch.no_grad():
                 return fn(*span)
 
         return list(single_threaded_workers(threads).map(in_worker, spans))
