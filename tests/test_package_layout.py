@@ -68,7 +68,7 @@ def test_ops_modules_import_only_downwards(path):
 
 
 #: Leaf helpers that import nothing from jrt: any package may use them.
-LEAVES = ("jrt.errors", "jrt.jsonl", "jrt.tensor_files", "jrt.paths")
+LEAVES = ("jrt.errors", "jrt.jsonl", "jrt.tensor_files", "jrt.paths", "jrt.stats")
 
 
 @pytest.mark.parametrize("leaf", LEAVES)

@@ -406,7 +406,7 @@ def test_interrupted_grid_resumes_and_skips_finished_runs(tmp_path, monkeypatch)
 
 
 def test_intervals():
-    from jrt.synthetics.report import newcombe, wilson
+    from jrt.stats import newcombe, wilson
 
     lo, hi = wilson(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
@@ -472,7 +472,7 @@ def test_tiny_grid_end_to_end_report_verdicts_come_from_its_results(tmp_path, mo
     assert len(results) == 4
     summary = json.loads((out / "summary.json").read_text())
     report = (out / "report.md").read_text()
-    from jrt.synthetics.report import newcombe
+    from jrt.stats import newcombe
 
     # every verdict line of the report is recomputed here from the run's own results
     by = {(r["experiment"], r["model"]): r for r in results}

@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "jrt.synthetics.cli",
     "jrt.training.cli",
     "jrt.evaluation.cli",
+    "jrt.evaluation.compare",
     "jrt.convert_cli",
     "jrt.linearize.cli",
 )

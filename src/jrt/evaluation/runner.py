@@ -17,6 +17,7 @@ from jrt.evaluation.distributed import RankInfo, barrier, results_files
 from jrt.evaluation.engine import MAX_NEW_TOKENS, generate, prepare
 from jrt.jsonl import append_jsonl, read_jsonl
 from jrt.prompting.templates import PROMPT_FORMAT_VERSION, mode_repeats
+from jrt.stats import paired_bootstrap
 from jrt.tasks.metrics import contains, exact_match, token_f1
 from jrt.tasks.registry import TaskData
 
@@ -168,7 +169,7 @@ def evaluate(
     _check_run(output, run_identity(model, config, tasks, add_special_tokens), config.extra, write=ranks.is_main)
     results_path = output / ranks.results_name()
     done = {(r["task"], r["mode"], r["id"]) for r in read_results(results_path)}
-    done |= {(r["task"], r["mode"], r["id"]) for r in _read_all(output, skip=results_path)}
+    done |= {(r["task"], r["mode"], r["id"]) for r in read_all_results(output, skip=results_path)}
     data_info: dict[str, dict[str, Any]] = {}
     for data in tasks:
         spec = data.spec
@@ -211,14 +212,14 @@ def evaluate(
                 bar.update(len(batch))
             bar.close()
     barrier(ranks)
-    summary = summarize(_read_all(output), config.model, data_info,
+    summary = summarize(read_all_results(output), config.model, data_info,
                         wanted=[(d.spec.name, m, {e.id for e in d.examples}) for d in tasks for m in config.modes])
     if ranks.is_main:
         write_summary(summary, output)
     return summary
 
 
-def _read_all(output: Path, skip: Path | None = None) -> list[dict[str, Any]]:
+def read_all_results(output: Path, skip: Path | None = None) -> list[dict[str, Any]]:
     """The records of every results file of ``output`` (one process's and each rank's) but ``skip``, read
     without repairing (another rank may be appending to its file)."""
     return [r for path in results_files(output) if path != skip for r in read_results(path, repair=False)]
@@ -265,26 +266,44 @@ def summarize(
             row["n_skipped"] = data_info[task]["n_skipped"]
         results.append(row)
     by_key = {(r["task"], r["mode"]): r for r in results}
-    gains = [
-        {
+    gains = []
+    for r in results:
+        if r["mode"] == "default" or (r["task"], "default") not in by_key:
+            continue
+        gain: dict[str, Any] = {
             "task": r["task"],
             "mode": r["mode"],
             "gain": round(r["contains"] - by_key[(r["task"], "default")]["contains"], 2),
         }
-        for r in results
-        if r["mode"] != "default" and (r["task"], "default") in by_key
-    ]
+        gain.update(paired_gain(groups[(r["task"], "default")], groups[(r["task"], r["mode"])]))
+        gains.append(gain)
     return {"model": model, "results": results, "gains": gains}
 
 
+def paired_gain(base: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """``other``'s ``contains`` minus ``base``'s on the examples both hold (paired by id), in points, with a
+    paired bootstrap 95% interval (:func:`jrt.stats.paired_bootstrap`, 10,000 resamples, seed 0):
+    ``{"n_paired", "paired_gain", "gain_ci": [low, high]}`` (empty when no example is in both)."""
+    before = {r["id"]: bool(r["correct"]) for r in base}
+    pairs = [(before[r["id"]], bool(r["correct"])) for r in other if r["id"] in before]
+    if not pairs:
+        return {}
+    mean, low, high = paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs])
+    return {"n_paired": len(pairs), "paired_gain": round(100 * mean, 2),
+            "gain_ci": [round(100 * low, 2), round(100 * high, 2)]}
+
+
 def format_table(summary: dict[str, Any]) -> str:
-    """Markdown table: one row per task, ``contains`` per mode, the gain of each mode over ``default``."""
+    """Markdown table: one row per task, ``contains`` per mode, the gain of each mode over ``default`` (with its
+    paired bootstrap interval when the summary has one)."""
     results = summary["results"]
     modes = list(dict.fromkeys(r["mode"] for r in results))
     tasks = list(dict.fromkeys(r["task"] for r in results))
     by_key = {(r["task"], r["mode"]): r for r in results}
+    gain_ci = {(g["task"], g["mode"]): g["gain_ci"] for g in summary.get("gains", []) if "gain_ci" in g}
     other = [m for m in modes if m != "default"]
-    head = ["task"] + [f"{m} (n)" for m in modes] + [f"{m} gain (pts)" for m in other if "default" in modes]
+    head = ["task"] + [f"{m} (n)" for m in modes]
+    head += [f"{m} gain (pts) [paired bootstrap 95% CI]" for m in other if "default" in modes]
     head += [f"{m} s" for m in modes]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task in tasks:
@@ -295,7 +314,9 @@ def format_table(summary: dict[str, Any]) -> str:
         if "default" in modes:
             for m in other:
                 a, b = by_key.get((task, m)), by_key.get((task, "default"))
-                cells.append(f"{a['contains'] - b['contains']:+.1f}" if a and b else "-")
+                ci = gain_ci.get((task, m))
+                cells.append("-" if not (a and b) else f"{a['contains'] - b['contains']:+.1f}"
+                             + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""))
         for m in modes:
             r = by_key.get((task, m))
             cells.append(f"{r['seconds']:.0f}" if r else "-")

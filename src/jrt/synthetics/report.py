@@ -18,44 +18,19 @@ test pairs in that order, ``difference`` = short-first minus long-first. Runs ar
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-Z95 = 1.959963984540054
+from jrt.stats import newcombe, wilson
+
 #: A "no order gap" claim holds when the 95% interval of the gap lies within +-this many points.
 NO_GAP_MARGIN = 5.0
 #: ... and only for a model that has learned the task: at least this accuracy (%) in both orders.
 LEARNED_MIN = 50.0
 SD_PANELS = ("short_first", "long_first", "difference")
-
-
-# ------------------------------------------------------------------------------------------------
-# intervals
-# ------------------------------------------------------------------------------------------------
-
-
-def wilson(hits: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``hits / n`` (as fractions)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = hits / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def newcombe(h1: int, n1: int, h2: int, n2: int, z: float = Z95) -> tuple[float, float]:
-    """Newcombe's hybrid score interval of ``h1/n1 - h2/n2`` (independent samples), as fractions."""
-    p1, p2 = h1 / max(1, n1), h2 / max(1, n2)
-    l1, u1 = wilson(h1, n1, z)
-    l2, u2 = wilson(h2, n2, z)
-    d = p1 - p2
-    return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
 # ------------------------------------------------------------------------------------------------
