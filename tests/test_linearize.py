@@ -218,3 +218,23 @@ def test_linearizer_refuses_existing_run_without_resume(teacher_dir, data_dir, t
     Linearizer(cfg, data_dir, tmp_path, progress=False).run()
     with pytest.raises(ValueError, match="--resume"):
         Linearizer(cfg, data_dir, tmp_path, progress=False)
+
+
+def test_decode_bench_of_teacher_and_student(tmp_path):
+    """`jrt bench decode --pretrained`: the teacher's KV cache grows with the context, the student's state does not
+    (no timing assertions)."""
+    from jrt.bench import decode
+
+    tiny_teacher().save_pretrained(tmp_path / "teacher")
+    student("based").save_pretrained(tmp_path / "student")
+    out = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--pretrained", f"teacher={tmp_path / 'teacher'}", str(tmp_path / "student"),
+                 "--contexts", "16", "64", "--batches", "1", "--steps", "2", "--warmup", "0",
+                 "--json", str(out)]) == 0
+    rows = {(r["model"], r["context"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("teacher", 16), ("teacher", 64), ("student", 16), ("student", 64)}
+    # KV cache: 2 (k, v) x 2 layers x 2 KV heads x 8 dims x T x 4 bytes
+    assert rows[("teacher", 64)]["state_bytes"] - rows[("teacher", 16)]["state_bytes"] == 2 * 2 * 2 * 8 * 48 * 4
+    assert rows[("student", 16)]["state_bytes"] == rows[("student", 64)]["state_bytes"] > 0
+    with pytest.raises(ValueError, match="given twice"):
+        decode.parse_pretrained(["a=x", "a=y"])

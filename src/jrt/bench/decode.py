@@ -17,6 +17,12 @@ real prefill of ``min(L, 256)`` random tokens, after which its sliding-window po
 has the same shapes for every ``L`` (that is the point), and Llama attends over all ``L`` cached positions.
 The JRT states of all context lengths are small, so their decode steps are interleaved (one step per context in
 turn) to expose every length to the same machine load; the Llama rows run one after the other.
+
+``--pretrained [LABEL=]MODEL ...`` measures real models instead (anything ``jrt eval --model`` loads: a Hub id, a
+local folder such as a ``jrt linearize`` student, or ``smollm2-135m``): each is prefilled with a real
+``L``-token random prompt (``logits_to_keep=1``), then decodes from its own cache (a ``DynamicCache`` for a
+Transformer, the recurrent cache for a JRT or linearized model); the state bytes are those of every tensor the
+cache holds. The summary gives each model's time per token and state against the first model's.
 """
 
 from __future__ import annotations
@@ -178,6 +184,73 @@ def measure_llama(model, context: int, batch: int, steps: int, warmup: int) -> d
     return _row("llama", context, batch, times, state_bytes)
 
 
+def parse_pretrained(specs: list[str]) -> dict[str, str]:
+    """``["[LABEL=]MODEL", ...]`` -> ``{label: model}`` (the label defaults to the model's last path part)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        label, sep, model = spec.partition("=")
+        if not sep:
+            label, model = spec.rstrip("/").split("/")[-1] or spec, spec
+        if not label or not model:
+            raise ValueError(f"--pretrained takes [LABEL=]MODEL, got {spec!r}")
+        if label in out:
+            raise ValueError(f"--pretrained label {label!r} given twice; name them with LABEL=MODEL")
+        out[label] = model
+    return out
+
+
+def _cache_keyword(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def measure_pretrained(label: str, model, context: int, batch: int, steps: int, warmup: int) -> dict[str, Any]:
+    """Prefill ``batch`` random prompts of ``context`` tokens, then time ``steps`` decode steps (median)."""
+    import torch
+
+    keyword = _cache_keyword(model)
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(context + batch)
+    with torch.inference_mode():
+        ids = torch.randint(0, vocab, (batch, context), generator=generator)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        if cache is None:
+            raise ValueError(f"{label}: the model returned no cache after prefill")
+        token = out.logits[:, -1:].argmax(-1)
+        state_bytes = _cache_bytes(cache)
+        times = []
+        for step in range(warmup + steps):
+            start = time.perf_counter()
+            out = model(input_ids=token, use_cache=True, **{keyword: cache})
+            cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None) or cache
+            token = out.logits[:, -1:].argmax(-1)
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+    del cache, out
+    gc.collect()
+    return _row(label, context, batch, times, state_bytes)
+
+
+def summarise_pretrained(rows: list[dict[str, Any]]) -> list[str]:
+    """Each model against the first one, per context and batch: decode time and state ratios."""
+    labels = list(dict.fromkeys(r["model"] for r in rows))
+    index = {(r["model"], r["context"], r["batch"]): r for r in rows}
+    lines = []
+    for (label, context, batch), row in index.items():
+        base = index.get((labels[0], context, batch))
+        if label == labels[0] or base is None:
+            continue
+        lines.append(
+            f"batch {batch}, context {context}: {label} decodes at {row['seconds_per_token'] * 1e3:.1f} ms/token, "
+            f"{base['seconds_per_token'] / row['seconds_per_token']:.2f}x the speed of {labels[0]}, with "
+            f"{row['state_bytes'] / base['state_bytes']:.3f}x its state ({row['state_bytes'] / 2**20:.1f} vs "
+            f"{base['state_bytes'] / 2**20:.1f} MiB)"
+        )
+    return lines
+
+
 def llama_cache_bytes(hidden_size: int, layers: int, context: int, batch: int) -> int:
     """float32 keys and values of every layer: ``2 * layers * batch * context * hidden_size * 4``."""
     return 2 * layers * batch * context * hidden_size * 4
@@ -205,22 +278,12 @@ def summarise(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _run_synthetic(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, int]]:
     from tqdm import tqdm
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for name in ("steps", "hidden_size", "layers", "heads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.hidden_size % args.heads:
-        raise ValueError("--hidden-size must be divisible by --heads")
-    if any(c < 1 for c in args.contexts) or any(b < 1 for b in args.batches):
-        raise ValueError("context lengths and batch sizes must be >= 1")
     models = dict(zip(("jrt", "llama"), build_models(args.hidden_size, args.layers, args.heads, args.seed)))
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tqdm(total=len(args.batches) * len(args.contexts) * len(args.models), desc="decode bench",
               unit="row") as progress:
         for batch in args.batches:
@@ -237,22 +300,65 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     rows.append(measure_llama(models["llama"], context, batch, args.steps, args.warmup))
                 progress.update(1)
-    header = f"{'model':6} {'context':>8} {'batch':>5} {'ms/step':>9} {'tok/s':>9} {'state MiB':>10}"
-    print(header)
+    return rows, params
+
+
+def _run_pretrained(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    from jrt.evaluation.models import load_model, resolve_model_source
+
+    hf_logging.set_verbosity_error()
+    specs = parse_pretrained(args.pretrained)
+    models = {}
+    for label, name in specs.items():
+        source, gguf = resolve_model_source(name)
+        models[label] = load_model(source, gguf, "cpu", "float32")
+    params = {label: sum(p.numel() for p in m.parameters()) for label, m in models.items()}
+    rows = []
+    with tqdm(total=len(args.batches) * len(args.contexts) * len(models), desc="decode bench", unit="row") as bar:
+        for batch in args.batches:
+            for context in args.contexts:
+                for label, model in models.items():
+                    rows.append(measure_pretrained(label, model, context, batch, args.steps, args.warmup))
+                    bar.update(1)
+    return rows, params
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("steps", "hidden_size", "layers", "heads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.hidden_size % args.heads:
+        raise ValueError("--hidden-size must be divisible by --heads")
+    if any(c < 1 for c in args.contexts) or any(b < 1 for b in args.batches):
+        raise ValueError("context lengths and batch sizes must be >= 1")
+    if args.pretrained:
+        rows, params = _run_pretrained(args)
+    else:
+        rows, params = _run_synthetic(args)
+    width = max(6, *(len(r["model"]) for r in rows))
+    print(f"{'model':{width}} {'context':>8} {'batch':>5} {'ms/step':>9} {'tok/s':>9} {'state MiB':>10}")
     for r in rows:
         if "skipped" in r:
-            print(f"{r['model']:6} {r['context']:>8} {r['batch']:>5} skipped: {r['skipped']}")
+            print(f"{r['model']:{width}} {r['context']:>8} {r['batch']:>5} skipped: {r['skipped']}")
             continue
-        print(f"{r['model']:6} {r['context']:>8} {r['batch']:>5} {r['seconds_per_token'] * 1e3:>9.2f} "
+        print(f"{r['model']:{width}} {r['context']:>8} {r['batch']:>5} {r['seconds_per_token'] * 1e3:>9.2f} "
               f"{r['tokens_per_second']:>9.1f} {r['state_bytes'] / 2**20:>10.2f}")
-    summary = summarise(rows)
+    summary = summarise_pretrained(rows) if args.pretrained else summarise(rows)
     for line in summary:
         print(line)
     if args.json:
         payload = {
             "rows": rows,
             "summary": summary,
-            "config": {"hidden_size": args.hidden_size, "layers": args.layers, "heads": args.heads,
+            "config": {"pretrained": parse_pretrained(args.pretrained) if args.pretrained else None,
+                       "hidden_size": args.hidden_size, "layers": args.layers, "heads": args.heads,
                        "steps": args.steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
                        "parameters": params, "device": "cpu", "torch": torch.__version__},
         }
@@ -272,6 +378,10 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=list(DEFAULT_BATCHES), metavar="B",
                         help="batch sizes (default: 1 8)")
     parser.add_argument("--models", nargs="+", choices=("jrt", "llama"), default=["jrt", "llama"])
+    parser.add_argument("--pretrained", nargs="+", default=None, metavar="[LABEL=]MODEL",
+                        help="measure these real models instead (Hub id, local folder such as a jrt linearize "
+                        "student, or smollm2-135m), each prefilled with a real random prompt; the first is the "
+                        "baseline of the summary")
     parser.add_argument("--hidden-size", type=int, default=256, help="d_model of both models (default 256)")
     parser.add_argument("--layers", type=int, default=8, help="layers of both models (default 8)")
     parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4: head dim 64)")
