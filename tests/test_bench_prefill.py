@@ -23,13 +23,13 @@ def test_prefill_cli_prints_the_table_and_writes_rows(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "sdpa ms" in text and "sdpa/jrt_prompt" in text and "matrix multiply in this run" in text
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["method"], r["length"]) for r in rows] == [(m, t) for t in (32, 64) for m in prefill.METHODS]
+    assert [(r["method"], r["length"]) for r in rows] == [(m, t) for t in (32, 64) for m in prefill.DEFAULT_METHODS]
     assert all(r["seconds"] > 0 and r["gflops"] > 0 for r in rows)
 
 
 def test_registry_backends_and_errors():
     assert methods_of("ops") == prefill.METHODS
-    assert set(methods_of("kernels")) == set(METHODS) and set(TIMERS) == {"cpu", "cuda"}
+    assert set(methods_of("kernels")) == set(METHODS) - {"jrt_prompt_products"} and set(TIMERS) == {"cpu", "cuda"}
     case = build("jrt_rnn", "ops", Shape(1, 2, 16, 4, 8, torch.device("cpu"), torch.float32, "chunk"))
     o, state = case.run()
     assert o.shape == (1, 16, 2, 8) and state is None and case.tokens == 16 and case.flops > 0
@@ -55,6 +55,17 @@ def test_prefill_backward_mode_and_fraction_of_matmul(tmp_path, capsys):
     mm = result["machine"]["matmul_gflops"]
     for r in result["rows"]:
         assert r["fraction_of_matmul"] == pytest.approx(r["gflops"] / mm)
+
+
+def test_products_only_method(capsys):
+    """jrt_prompt_products: the chunked form's products alone, with the FLOP model of jrt_prompt; no sdpa ratio."""
+    result = prefill.run_prefill([128], heads=2, head_dim=8, feature=4, methods=("sdpa", "jrt_prompt_products"),
+                                 repeats=1, warmup=0, progress=None)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["jrt_prompt_products"]["gflops"] > 0
+    assert "sdpa/jrt_prompt_products" not in prefill.format_table(result)
+    with pytest.raises(ValueError, match="forward products only"):
+        prefill.run_prefill([32], methods=("jrt_prompt_products",), backward=True, progress=None)
 
 
 @pytest.mark.parametrize("method", ["sdpa", "jrt_prompt", "jrt_rnn"])

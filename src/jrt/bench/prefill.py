@@ -50,7 +50,9 @@ from jrt.bench.prefill_methods import (
 )
 
 #: The methods of the ``ops`` backend (any device, through :mod:`jrt.ops`), in table order.
-METHODS = ("sdpa", "jrt_prompt", "jrt_rnn")
+METHODS = ("sdpa", "jrt_prompt", "jrt_rnn", "jrt_prompt_products")
+#: The methods timed unless ``--methods`` says otherwise.
+DEFAULT_METHODS = ("sdpa", "jrt_prompt", "jrt_rnn")
 
 
 @dataclass
@@ -84,7 +86,7 @@ def run_prefill(
     head_dim: int = 64,
     feature: int = 16,
     dtype: str | None = None,
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] = DEFAULT_METHODS,
     repeats: int = 3,
     warmup: int = 1,
     impl: str = "auto",
@@ -163,7 +165,7 @@ def format_table(result: dict) -> str:
     lengths = sorted({r["length"] for r in rows})
     mm = result["machine"]["matmul_gflops"]
     head = f"{'T':>7} " + "".join(f"{m + ' ms':>14}{'GFLOP/s':>9}{'% mm':>6}{'peak MB':>9}" for m in methods)
-    ratio_names = [m for m in methods if m != "sdpa"] if "sdpa" in methods else []
+    ratio_names = [m for m in methods if m not in ("sdpa", "jrt_prompt_products")] if "sdpa" in methods else []
     head += "".join(f"{'sdpa/' + m:>16}" for m in ratio_names)
     lines = [head, "-" * len(head)]
     for t in lengths:
@@ -203,7 +205,9 @@ def add_parser(bench: argparse._SubParsersAction) -> None:
     parser.add_argument("--head-dim", type=int, default=64, help="head dim of sdpa and value dim Dv (default 64)")
     parser.add_argument("--feature-dim", type=int, default=16, help="query/key feature dim F (default 16)")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"subset of {','.join(METHODS)} (default: %(default)s; jrt_prompt_products times only "
+                        "the chunked form's batched products: the ceiling of its %% mm)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impl", default="auto", help="jrt.ops implementation (auto, chunk, triton...)")
@@ -233,7 +237,7 @@ def _main(args: argparse.Namespace) -> int:
         from jrt.bench.prefill_cuda import CUDA_METHODS, run_and_write
 
         return run_and_write(
-            lengths, CUDA_METHODS if methods == METHODS else methods, batch=args.batch, heads=args.heads,
+            lengths, CUDA_METHODS if methods == DEFAULT_METHODS else methods, batch=args.batch, heads=args.heads,
             head_dim=args.head_dim, feature_dim=args.feature_dim, warmup=max(1, args.warmup), repeats=args.repeats,
             json_path=args.json, backward=args.backward,
         )

@@ -9,7 +9,8 @@ for a :class:`Shape`, through one of two backends:
 
 Methods (at prompt length ``T``): ``sdpa`` (causal softmax attention over ``T``: the baseline), ``jrt_prompt``
 (causal linear attention over ``2T``: the prompt read twice), ``jrt_rnn`` (prefix linear attention over ``T``
-with prefix ``T/2``), ``based`` (causal linear attention over ``T``) and ``fla_fused_chunk_based`` /
+with prefix ``T/2``), ``jrt_prompt_products`` (only the batched products of the chunked form over ``2T``: the
+ceiling of the ``% mm`` column), ``based`` (causal linear attention over ``T``) and ``fla_fused_chunk_based`` /
 ``fla_parallel_based`` (flash-linear-attention's kernels over ``T``).
 """
 
@@ -279,6 +280,39 @@ def _prefix_ops(s: Shape) -> Case:
     return Case(run, flops, s.batch * t, _nbytes(q, k, v, ke, ve, v))
 
 
+def _products_ops(s: Shape) -> Case:
+    """``jrt_prompt_products``: only the four batched products of the chunked form over ``2T`` tokens, at its chunk
+    (:data:`jrt.ops.based.chunk.CHUNK_SIZE`) and segment (``SEGMENT_SIZE`` tokens per block) sizes, on reused
+    buffers: ``scores = Q K^T``, ``o = scores [V, 1]``, the chunk states ``phi(K)^T [V, 1]`` and the read
+    ``o += phi(Q) states``. No feature map, mask, prefix sum or division: the time any implementation that issues
+    these library products separately needs at least, so its ``% mm`` is the ceiling of such an implementation."""
+    from jrt.ops.based import chunk
+
+    if s.backward:
+        raise ValueError("jrt_prompt_products times the forward products only (no --backward)")
+    c, dc, dv1 = chunk.CHUNK_SIZE, feature_dim(s.feature, compressed=True), s.head_dim + 1
+    rows = max(1, chunk.SEGMENT_SIZE // c)  # chunks per block
+    total = s.batch * s.heads * -(-2 * s.length // c)
+    blocks = -(-total // rows)
+    randn = _Inputs(s, on_device=False)
+    qt, kt = randn(rows, c, s.feature), randn(rows, s.feature, c)
+    v1, fq, fk = randn(rows, c, dv1), randn(rows, c, dc), randn(rows, dc, c)
+    scores, o1, states = (torch.empty(rows, c, c, dtype=s.dtype, device=s.device),
+                          torch.empty(rows, c, dv1, dtype=s.dtype, device=s.device),
+                          torch.empty(rows, dc, dv1, dtype=s.dtype, device=s.device))
+
+    def run() -> None:
+        with torch.no_grad():
+            for _ in range(blocks):
+                torch.bmm(qt, kt, out=scores)
+                torch.bmm(scores, v1, out=o1)
+                torch.bmm(fk, v1, out=states)
+                o1.baddbmm_(fq, states)
+
+    flops = linear_attention_flops(s.batch, s.heads, 2 * s.length, s.feature, s.head_dim)
+    return Case(run, flops, s.batch * s.length, 0)
+
+
 def _sdpa_flash(s: Shape) -> Case:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -356,6 +390,7 @@ METHODS: dict[str, dict[str, Callable[[Shape], Case]]] = {
     "sdpa": {"ops": _sdpa_ops, "kernels": _sdpa_flash},
     "jrt_prompt": {"ops": lambda s: _linear_ops(s, 2 * s.length), "kernels": lambda s: _linear_kernel(s, 2 * s.length)},
     "jrt_rnn": {"ops": _prefix_ops, "kernels": _prefix_kernel},
+    "jrt_prompt_products": {"ops": _products_ops},
     "based": {"kernels": lambda s: _linear_kernel(s, s.length)},
     "fla_fused_chunk_based": {"kernels": _fla_kernel("fla_fused_chunk_based")},
     "fla_parallel_based": {"kernels": _fla_kernel("fla_parallel_based")},
