@@ -238,3 +238,27 @@ def test_decode_bench_of_teacher_and_student(tmp_path):
     assert rows[("student", 16)]["state_bytes"] == rows[("student", 64)]["state_bytes"] > 0
     with pytest.raises(ValueError, match="given twice"):
         decode.parse_pretrained(["a=x", "a=y"])
+
+
+def test_held_out_perplexity_of_teacher_and_students(teacher_dir, data_dir, tmp_path, capsys):
+    """`jrt linearize perplexity`: the teacher and each student on the same validation windows, with bootstrap
+    intervals; equal to the training-time perplexity function on the same windows."""
+    from jrt.linearize.train import perplexity
+    from jrt.training.data import TokenDataset
+
+    for mode in ("based", "jrt"):
+        student(mode).save_pretrained(tmp_path / mode)
+    out = tmp_path / "ppl"
+    assert main(["linearize", "perplexity", "--teacher", str(teacher_dir), "--data", str(data_dir), "--output",
+                 str(out), "--student", str(tmp_path / "based"), "--student", f"J={tmp_path / 'jrt'}",
+                 "--seq-len", "32", "--windows", "5", "--no-progress"]) == 0
+    result = json.loads((out / "perplexity.json").read_text())
+    assert set(result) == {"teacher", "based", "J"} and result["J"]["prefix"] and not result["based"]["prefix"]
+    windows = TokenDataset(data_dir, 32, "val").batch(list(range(5)))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "jrt")
+    assert result["J"]["ppl"] == pytest.approx(perplexity(model, windows, prefix=True), rel=1e-5)
+    for r in result.values():
+        assert r["windows"] == 5 and r["ci"][0] <= r["ppl"] <= r["ci"][1]
+    assert "teacher: perplexity" in capsys.readouterr().out
+    assert main(["linearize", "perplexity", "--teacher", str(teacher_dir), "--data", str(data_dir), "--output",
+                 str(out), "--windows", "0"]) == 2

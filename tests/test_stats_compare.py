@@ -84,3 +84,13 @@ def test_compare_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert main([a.format(tmp=tmp_path) for a in args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_bootstrap_ratio():
+    from jrt.stats import bootstrap_ratio
+
+    num, den = [3.0, 5.0, 4.0, 8.0], [1.0, 2.0, 1.0, 4.0]
+    ratio, low, high = bootstrap_ratio(num, den, resamples=2000)
+    assert ratio == pytest.approx(20.0 / 8.0) and min(n / d for n, d in zip(num, den)) <= low <= ratio <= high
+    with pytest.raises(ValueError):
+        bootstrap_ratio([], [])

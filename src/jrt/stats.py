@@ -56,3 +56,18 @@ def paired_bootstrap(
     tail = 100 * (1.0 - level) / 2.0
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(diffs.mean()), float(low), float(high)
+
+
+def bootstrap_ratio(
+    num: Sequence[float], den: Sequence[float], resamples: int = 10_000, level: float = 0.95, seed: int = 0,
+) -> tuple[float, float, float]:
+    """``sum(num) / sum(den)`` over units (e.g. summed loss and token count per text window) and its percentile
+    bootstrap interval, resampling units with replacement. Returns ``(ratio, low, high)``."""
+    if len(num) != len(den) or not num:
+        raise ValueError("num and den need the same, non-zero number of units")
+    a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    ratios = a[idx].sum(axis=1) / b[idx].sum(axis=1)
+    tail = 100 * (1.0 - level) / 2.0
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(a.sum() / b.sum()), float(low), float(high)

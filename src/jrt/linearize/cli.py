@@ -1,12 +1,13 @@
-"""``jrt linearize``: linearize a Llama-family teacher (train), rebuild a student from a delta (apply), or save the
-teacher's tokenizer for ``jrt data prepare`` (tokenizer)."""
+"""``jrt linearize``: linearize a Llama-family teacher (train), rebuild a student from a delta (apply), save the
+teacher's tokenizer for ``jrt data prepare`` (tokenizer), or measure the held-out perplexity of the teacher and
+students on the same validation windows (perplexity)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-ACTIONS = ("train", "apply", "tokenizer")
+ACTIONS = ("train", "apply", "tokenizer", "perplexity")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.output}: {student.config.mode} student of {args.teacher}, state "
               f"{student.state_size_bytes(1):,} bytes per sequence")
         return 0
+    if args.action == "perplexity":
+        return _perplexity(args)
     from jrt.linearize.train import LinearizeConfig, Linearizer
 
     if args.data is None:
@@ -48,6 +51,36 @@ def run(args: argparse.Namespace) -> int:
     summary = Linearizer(cfg, args.data, _output_path(args.output), resume=args.resume,
                          progress=not args.no_progress).run()
     print(json.dumps(summary))
+    return 0
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from jrt.linearize.train import held_out_perplexity, load_teacher
+
+    if args.data is None:
+        raise ValueError("perplexity needs --data DIR (a `jrt data prepare` folder tokenized with the teacher's "
+                         "tokenizer)")
+    if args.windows is not None and args.windows < 1:
+        raise ValueError(f"--windows must be >= 1, got {args.windows}")
+    teacher, _ = load_teacher(args.teacher, args.gguf_file)
+    models = {"teacher": teacher}
+    for spec in args.student or []:
+        name, sep, folder = spec.partition("=")
+        name, folder = (name, folder) if sep else (Path(spec).name, spec)
+        if not Path(folder).is_dir():
+            raise ValueError(f"student folder not found: {folder}")
+        models[name] = AutoModelForCausalLM.from_pretrained(folder)
+    result = held_out_perplexity(models, args.data, args.seq_len, args.windows, progress=not args.no_progress)
+    for name, r in result.items():
+        print(f"{name:>12}: perplexity {r['ppl']:.2f} [95% CI {r['ci'][0]:.2f}, {r['ci'][1]:.2f}] over "
+              f"{r['windows']} windows ({r['tokens']} predicted tokens{', prefix read' if r['prefix'] else ''})")
+    out = Path(_output_path(args.output))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perplexity.json").write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
@@ -73,6 +106,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="folder written by `jrt data prepare` with the teacher's tokenizer")
     p.add_argument("--output", required=True, help="run folder (train), model folder (apply) or tokenizer folder")
     p.add_argument("--delta", help="apply: the delta.safetensors of a run")
+    p.add_argument("--student", action="append", metavar="[NAME=]FOLDER",
+                   help="perplexity: a student model folder (repeat for several); the teacher is always measured")
+    p.add_argument("--windows", type=int, default=None,
+                   help="perplexity: the first N validation windows of --seq-len + 1 tokens (default: all)")
     p.add_argument("--mode", choices=("based", "jrt"), default="based")
     p.add_argument("--feature-dim", type=int, default=16, help="F of the learned feature projection (16)")
     p.add_argument("--window", type=int, default=64, help="softmax sliding window mixed in (0: none; 64)")

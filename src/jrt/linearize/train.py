@@ -291,20 +291,50 @@ class _TrainedParams(nn.Module):
         save_file(state_dict or self.state, str(Path(path) / "model.safetensors"))
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, prefix: bool) -> float:
-    """Perplexity of the second half of each window ``[N, T + 1]`` (the first half is context; with ``prefix``
-    the student reads it non-causally as its JRT prefix)."""
+def window_losses(model: nn.Module, windows: torch.Tensor, prefix: bool) -> list[tuple[float, int]]:
+    """``(summed next-token loss, tokens)`` of the second half of each window ``[N, T + 1]`` (the first half is
+    context; with ``prefix`` the student reads it non-causally as its JRT prefix)."""
     t = windows.shape[1] - 1
-    total, count = 0.0, 0
+    out = []
     with torch.no_grad():
-        for row in windows.split(4):
+        for row in windows.split(1):
             batch = make_batch(row, objective="prefix_mlm", prefix_len=t // 2, mask=False)
             kwargs = {"prefix_lengths": batch.prefix_lengths} if prefix else {}
             logits = model(input_ids=batch.input_ids, use_cache=False, **kwargs).logits
             _, stats = objective_loss(logits, batch)
-            total += float(stats["ntp_sum"])
-            count += batch.ntp_count
-    return math.exp(total / max(count, 1))
+            out.append((float(stats["ntp_sum"]), int(batch.ntp_count)))
+    return out
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, prefix: bool) -> float:
+    """Perplexity over the second halves of the windows ``[N, T + 1]`` (see :func:`window_losses`)."""
+    losses = window_losses(model, windows, prefix)
+    return math.exp(sum(s for s, _ in losses) / max(sum(n for _, n in losses), 1))
+
+
+def held_out_perplexity(models: dict[str, nn.Module], data_dir: str | Path, seq_len: int = 512,
+                        windows: int | None = None, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Perplexity of each model on the validation split of a ``jrt data prepare`` folder, on the same windows of
+    ``seq_len + 1`` tokens (the first ``windows``, default all), with a 95% bootstrap interval over windows.
+    A ``jrt``-mode student reads each window's first half as its prefix. Returns ``{name: {"ppl", "ci",
+    "windows", "tokens"}}``."""
+    from tqdm.auto import tqdm
+
+    from jrt.stats import bootstrap_ratio
+
+    val = TokenDataset(data_dir, seq_len, "val")
+    n = len(val) if windows is None else min(windows, len(val))
+    if n < 1:
+        raise ValueError(f"{data_dir} has no validation window of {seq_len + 1} tokens")
+    batch = val.batch(list(range(n)))
+    out = {}
+    for name, model in tqdm(models.items(), desc="perplexity", unit="model", disable=not progress):
+        prefix = getattr(model.config, "mode", None) == "jrt"
+        losses = window_losses(model.eval(), batch, prefix)
+        ratio, low, high = bootstrap_ratio([s for s, _ in losses], [c for _, c in losses])
+        out[name] = {"ppl": math.exp(ratio), "ci": [math.exp(low), math.exp(high)], "windows": n,
+                     "tokens": sum(c for _, c in losses), "prefix": prefix}
+    return out
 
 
 class Linearizer:
