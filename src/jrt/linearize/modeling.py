@@ -33,7 +33,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from jrt.linearize.configuration import SUPPORTED_FAMILIES, LinearizedConfig
-from jrt.models.modeling_jrt import JRTCache, JRTForCausalLM, JRTModel, _output
+from jrt.models.modeling_jrt import CausalLMHead, JRTCache, JRTForCausalLM, JRTModel, _output
 from jrt.ops import (
     RingBuffer,
     feature_dim,
@@ -417,7 +417,7 @@ class LinearizedModel(LinearizedPreTrainedModel):
                        attentions=tuple(losses) if transfer else None)
 
 
-class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
+class LinearizedForCausalLM(CausalLMHead, LinearizedPreTrainedModel, GenerationMixin):
     """The linearized student LM (``generate()`` with a constant-size recurrent cache)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_5 else ["lm_head.weight"]
@@ -427,18 +427,6 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
         self.model = LinearizedModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     def forward(
         self,
@@ -453,21 +441,13 @@ class LinearizedForCausalLM(LinearizedPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         cache: JRTCache | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         """Logits ``[B, T, vocab]``, the shifted next-token loss when ``labels [B, T]`` are given (-100 ignored) and
         the cache; arguments as :meth:`LinearizedModel.forward`."""
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, prefix_lengths=prefix_lengths,
                              cache=cache if cache is not None else past_key_values, use_cache=use_cache,
                              inputs_embeds=inputs_embeds)
-        hidden = outputs.last_hidden_state
-        if logits_to_keep and labels is None:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return _output(CausalLMOutputWithPast, loss=loss, logits=logits,
-                       cache=getattr(outputs, "cache", getattr(outputs, "past_key_values", None)))
+        return self.head(outputs, labels, logits_to_keep, return_dict)
 
     prepare_inputs_for_generation = JRTForCausalLM.prepare_inputs_for_generation
     _reorder_cache = JRTForCausalLM._reorder_cache

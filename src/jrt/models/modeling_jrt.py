@@ -333,7 +333,49 @@ class JRTModel(JRTPreTrainedModel):
         return None if bool(mask.all()) else mask
 
 
-class JRTForCausalLM(JRTPreTrainedModel, GenerationMixin):
+class CausalLMHead:
+    """The language-model head over a backbone ``self.model`` (embeddings, ``lm_head``, the shifted next-token loss),
+    shared by :class:`JRTForCausalLM` and the linearized students of :mod:`jrt.linearize`."""
+
+    model: nn.Module
+    lm_head: nn.Linear
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def head(self, outputs: Any, labels: torch.LongTensor | None, logits_to_keep: int,
+             return_dict: bool | None) -> CausalLMOutputWithPast | tuple:
+        """Logits ``[B, T, vocab]`` of the backbone's ``outputs`` (the last ``logits_to_keep`` positions when > 0 and
+        no labels), the shifted next-token loss when ``labels [B, T]`` are given (-100 = ignored), and the cache."""
+        hidden = outputs.last_hidden_state
+        if logits_to_keep and labels is None:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+            loss = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), labels[:, 1:].to(logits.device).flatten(), ignore_index=-100
+            )
+        returned_cache = getattr(outputs, _CACHE_FIELD, None)
+        hidden_states = getattr(outputs, "hidden_states", None)
+        if return_dict is False:
+            return tuple(x for x in (loss, logits, returned_cache, hidden_states) if x is not None)
+        return _output(CausalLMOutputWithPast, loss=loss, logits=logits, cache=returned_cache,
+                       hidden_states=hidden_states)
+
+
+class JRTForCausalLM(CausalLMHead, JRTPreTrainedModel, GenerationMixin):
     """JRT-RNN language model: :class:`JRTModel` plus the (tied) LM head; works with ``generate()``."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"} if _TRANSFORMERS_5 else ["lm_head.weight"]
@@ -343,18 +385,6 @@ class JRTForCausalLM(JRTPreTrainedModel, GenerationMixin):
         self.model = JRTModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embeddings
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embeddings = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     def forward(
         self,
@@ -379,24 +409,7 @@ class JRTForCausalLM(JRTPreTrainedModel, GenerationMixin):
             cache=cache if cache is not None else past_key_values, use_cache=use_cache,
             inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, return_dict=True,
         )
-        hidden = outputs.last_hidden_state
-        if logits_to_keep and labels is None:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-            loss = F.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1), labels[:, 1:].to(logits.device).flatten(), ignore_index=-100
-            )
-        returned_cache = getattr(outputs, _CACHE_FIELD)
-        if return_dict is False:
-            return tuple(x for x in (loss, logits, returned_cache, outputs.hidden_states) if x is not None)
-        return _output(
-            CausalLMOutputWithPast, loss=loss, logits=logits, cache=returned_cache,
-            hidden_states=outputs.hidden_states,
-        )
+        return self.head(outputs, labels, logits_to_keep, return_dict)
 
     def prepare_inputs_for_generation(
         self,
