@@ -344,7 +344,7 @@ def _bad_calls():
     d = feature_dim(4)
     good_state = (torch.zeros(2, 2, d, 3), torch.zeros(2, 2, d))
     return [
-        ("same shape", lambda: linear_attention(q, k[:, :, :1], v)),
+        ("agree on batch, length and heads", lambda: linear_attention(q, k[:, :, :1], v)),
         ("agree on batch", lambda: linear_attention(q, k, v[:1])),
         ("floating-point", lambda: linear_attention(q.long(), k, v)),
         ("4 dimensions", lambda: linear_attention(q[0], k[0], v[0])),
@@ -435,3 +435,70 @@ def test_chunk_divide_and_its_backward():
     expected = (o1[..., :-1] / (o1[..., -1:] + 0.25)).transpose(1, 2)
     assert rel_err(chunk.divide(o1, 0.25), expected) < 1e-15 and chunk.divide(o1, 0.25).is_contiguous()
     assert torch.autograd.gradcheck(lambda x: chunk.divide(x, 0.25), o1.clone().requires_grad_())
+
+
+# ------------------------------------------------------------------------------------------ grouped-query heads
+
+
+def _grouped_inputs(t, seed, groups=3, hkv=2, enc=False):
+    """``q [2, t, groups*hkv, 4]`` and key/value-head tensors ``k, v (, ke, ve) [2, t, hkv, *]``."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, t, groups * hkv, 4, generator=g, dtype=torch.float64)
+    kv = [torch.randn(2, t, hkv, d, generator=g, dtype=torch.float64) for d in ((4, 5, 4, 5) if enc else (4, 5))]
+    return q, kv
+
+
+def _rep(x, groups, dim=2):
+    return x.repeat_interleave(groups, dim=dim)
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunk", "recurrent"])
+@pytest.mark.parametrize("t", [1, 9])
+def test_grouped_heads_equal_repeated_heads(small_segments, impl, t):
+    """Key/value heads shared by groups of query heads: the same outputs as the repeated heads, and one state per
+    key/value head (equal to each query head's state of the repeated call), with and without a carried state,
+    padding and a prefix."""
+    groups = 3
+    q, (k, v, ke, ve) = _grouped_inputs(t, seed=50 + t, groups=groups, enc=True)
+    g = torch.Generator().manual_seed(7)
+    s0 = (torch.randn(2, 2, feature_dim(4), 5, generator=g, dtype=torch.float64),
+          torch.rand(2, 2, feature_dim(4), generator=g, dtype=torch.float64) + 1)
+    s0_rep = (_rep(s0[0], groups, 1), _rep(s0[1], groups, 1))
+    mask = None if t == 1 else torch.tensor([[0, 0] + [1] * (t - 2), [1] * t], dtype=torch.bool)
+    o, s = linear_attention(q, k, v, initial_state=s0, output_final_state=True, attention_mask=mask, impl=impl)
+    o_ref, s_ref = linear_attention(q, _rep(k, groups), _rep(v, groups), initial_state=s0_rep,
+                                    output_final_state=True, attention_mask=mask, impl=impl)
+    assert s[0].shape == (2, 2, feature_dim(4), 5) and s[1].shape == (2, 2, feature_dim(4))
+    assert rel_err(o, o_ref) < 1e-10
+    assert rel_err(_rep(s[0], groups, 1), s_ref[0]) < 1e-10 and rel_err(_rep(s[1], groups, 1), s_ref[1]) < 1e-10
+    lengths = torch.tensor([min(3, t), t])
+    o, s = prefix_linear_attention(q, k, v, ke, ve, lengths, output_final_state=True, impl=impl)
+    o_ref, s_ref = prefix_linear_attention(q, _rep(k, groups), _rep(v, groups), _rep(ke, groups), _rep(ve, groups),
+                                           lengths, output_final_state=True, impl=impl)
+    assert rel_err(o, o_ref) < 1e-10 and rel_err(_rep(s[0], groups, 1), s_ref[0]) < 1e-10
+
+
+def test_grouped_heads_must_divide():
+    q, (k, v) = _grouped_inputs(3, seed=1, groups=1, hkv=3)
+    with pytest.raises(ValueError, match="multiple of k's"):
+        linear_attention(q[:, :, :2], k, v)
+
+
+def test_grouped_sliding_window_equals_repeated():
+    """The window operator and its decoding step with key/value heads shared by groups of query heads."""
+    from jrt.ops import RingBuffer, sliding_window_attention, sliding_window_decode_step
+
+    groups = 3
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 12, 6, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 12, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    full = sliding_window_attention(q, k, v, 4, rotary_base=None)
+    assert rel_err(full, sliding_window_attention(q, _rep(k, groups), _rep(v, groups), 4, rotary_base=None)) < 1e-12
+    ring = RingBuffer.empty(2, 4, 2, 8, torch.float64, q.device).write(k[:, :8], v[:, :8])
+    ring_rep = RingBuffer.empty(2, 4, 6, 8, torch.float64, q.device).write(_rep(k[:, :8], groups),
+                                                                          _rep(v[:, :8], groups))
+    for i in range(8, 12):
+        step = sliding_window_decode_step(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], ring, rotary_base=None)
+        step_rep = sliding_window_decode_step(q[:, i:i + 1], _rep(k[:, i:i + 1], groups),
+                                              _rep(v[:, i:i + 1], groups), ring_rep, rotary_base=None)
+        assert rel_err(step, step_rep) < 1e-12 and rel_err(step, full[:, i:i + 1]) < 1e-12

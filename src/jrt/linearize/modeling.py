@@ -58,8 +58,9 @@ def family_classes(model_type: str) -> dict[str, Any]:
 
 @dataclass
 class LinearizedState:
-    """Decoding state of one layer: ``linear = (S [B, H, D, Dh], z [B, H, D])`` (float32), ``ring`` the last
-    ``window + 1`` rotated keys/values (or None), ``seen [B]`` real tokens consumed so far."""
+    """Decoding state of one layer: ``linear = (S [B, Hkv, D, Dh], z [B, Hkv, D])`` (float32), ``ring`` the last
+    ``window + 1`` rotated keys/values ``[B, W + 1, Hkv, Dh]`` (or None), ``seen [B]`` real tokens consumed so far.
+    Both are per key/value head: the query heads of a group share them."""
 
     linear: tuple[torch.Tensor, torch.Tensor] | None
     ring: RingBuffer | None
@@ -152,11 +153,11 @@ class LinearizedAttention(nn.Module):
         """Bytes of the decoding state for ``batch`` sequences (independent of ``context_length``)."""
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         size = torch.tensor([], dtype=state_dtype).element_size()
-        total = batch * self.num_heads * feature_dim(self.feature) * (self.head_dim + 1) * size + batch * 8
+        total = batch * self.num_kv_heads * feature_dim(self.feature) * (self.head_dim + 1) * size + batch * 8
         if self.window:
             slots = self.window + 1
             item = torch.tensor([], dtype=dtype).element_size()
-            total += 2 * batch * slots * self.num_heads * self.head_dim * item + batch * slots * 8 + batch * 8
+            total += 2 * batch * slots * self.num_kv_heads * self.head_dim * item + batch * slots * 8 + batch * 8
         return total
 
     # ------------------------------------------------------------------------------------------ pieces
@@ -200,12 +201,13 @@ class LinearizedAttention(nn.Module):
         self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin,
         mask: torch.Tensor | None, prefix_lengths: torch.Tensor | None, state: LinearizedState | None,
     ) -> torch.Tensor:
-        """The recurrent mixer on rotated ``q, k, v``: ``[B, T, H, Dh]``; updates ``state`` in place."""
+        """The recurrent mixer on rotated ``q [B, T, H, Dh]``, ``k, v [B, T, Hkv, Dh]``: ``[B, T, H, Dh]``;
+        updates ``state`` in place. The operators take the grouped-query heads as they are, so the state (linear
+        and window) is kept per key/value head."""
         b, t = q.shape[:2]
         fresh = state is None or state.is_empty
         qf = self._features(q, self.feature_q)
-        kf = self._repeat(self._features(k, self.feature_k))
-        vr = self._repeat(v)
+        kf = self._features(k, self.feature_k)
         initial = None if fresh else state.linear
         want_state = state is not None
         if self.mode == "jrt" and fresh and prefix_lengths is not None and bool((prefix_lengths > 0).any()):
@@ -213,27 +215,25 @@ class LinearizedAttention(nn.Module):
             k_enc = self._rotate_project(self.k_enc_proj, x, self.num_kv_heads, cos, sin)
             v_enc = self.v_enc_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
             o_lin, lin_state = prefix_linear_attention(
-                qf, kf, vr, self._repeat(self._features(k_enc, self.feature_k)), self._repeat(v_enc),
+                qf, kf, v, self._features(k_enc, self.feature_k), v_enc,
                 prefix_lengths, attention_mask=mask, output_final_state=want_state, eps=self.eps,
             )
         else:
-            o_lin, lin_state = linear_attention(qf, kf, vr, initial_state=initial, output_final_state=want_state,
+            o_lin, lin_state = linear_attention(qf, kf, v, initial_state=initial, output_final_state=want_state,
                                                 eps=self.eps, attention_mask=mask)
         if not self.window:
             o = o_lin
         else:
             if fresh:
-                o_win = sliding_window_attention(q, self._repeat(k), vr, self.window, attention_mask=mask,
-                                                 rotary_base=None)
+                o_win = sliding_window_attention(q, k, v, self.window, attention_mask=mask, rotary_base=None)
                 if state is not None:
-                    ring = RingBuffer.empty(b, self.window, self.num_heads, self.head_dim, k.dtype, k.device)
-                    state.ring = ring.write(self._repeat(k), vr, mask)
+                    ring = RingBuffer.empty(b, self.window, self.num_kv_heads, self.head_dim, k.dtype, k.device)
+                    state.ring = ring.write(k, v, mask)
             else:
                 if mask is not None and not bool(mask.all()):
                     raise ValueError("padding is only allowed in the first call of a sequence (left padding)")
-                kr = self._repeat(k)
                 o_win = torch.cat([
-                    sliding_window_decode_step(q[:, i: i + 1], kr[:, i: i + 1], vr[:, i: i + 1], state.ring,
+                    sliding_window_decode_step(q[:, i: i + 1], k[:, i: i + 1], v[:, i: i + 1], state.ring,
                                                rotary_base=None)
                     for i in range(t)
                 ], dim=1)

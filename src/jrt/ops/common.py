@@ -27,17 +27,29 @@ def check_float(name: str, x: object, dims: int) -> torch.Tensor:
     return x
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_same_dim: bool = True) -> None:
-    """``q, k: [B, T, H, F]``, ``v: [B, T, H, Dv]`` on one device."""
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_same_dim: bool = True,
+              grouped: bool = False) -> int:
+    """``q: [B, T, H, F]``, ``k: [B, T, Hkv, F]``, ``v: [B, T, Hkv, Dv]`` on one device; returns ``H // Hkv``.
+
+    ``Hkv = H`` unless ``grouped`` (grouped-query heads: query head ``h`` reads key/value head ``h // (H // Hkv)``,
+    ``H`` a multiple of ``Hkv``)."""
     check_float("q", q, 4)
     check_float("k", k, 4)
     check_float("v", v, 4)
-    if qk_same_dim and q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape [B, T, H, F], got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.shape[:3] != v.shape[:3] or k.shape[:3] != v.shape[:3]:
+    if qk_same_dim and q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same feature dim [B, T, H, F], got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    if q.shape[:2] != v.shape[:2] or k.shape[:3] != v.shape[:3]:
         raise ValueError(
             "q, k and v must agree on batch, length and heads [B, T, H, *], got "
             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if heads != kv_heads and not (grouped and kv_heads >= 1 and heads % kv_heads == 0):
+        raise ValueError(
+            ("q's heads must be a multiple of k's and v's (grouped-query heads)" if grouped else
+             "q, k and v must agree on batch, length and heads [B, T, H, *]")
+            + f", got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if q.shape[1] < 1:
         raise ValueError("sequences must hold at least one position (T >= 1)")
@@ -45,6 +57,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_same_dim: bo
         raise ValueError(f"feature and value dimensions must be >= 1, got F={q.shape[-1]}, Dv={v.shape[-1]}")
     if len({q.device, k.device, v.device}) != 1:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    return heads // kv_heads
 
 
 def check_mask(attention_mask: object, batch: int, length: int, device: torch.device) -> torch.Tensor | None:

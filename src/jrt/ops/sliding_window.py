@@ -78,7 +78,8 @@ def sliding_window_attention(
     """Causal softmax attention over the last ``window`` tokens plus the current one.
 
     Args:
-        q, k, v: ``[B, T, H, Dh]`` (projections before rotary embedding).
+        q, k, v: ``[B, T, H, Dh]`` (projections before rotary embedding; ``k``, ``v`` may have ``Hkv`` heads,
+            ``H`` a multiple of ``Hkv``: grouped-query heads).
         window: how many tokens back each query sees (>= 0).
         attention_mask: ``[B, T]``, 1 = token, 0 = padding; padded keys are never attended to (their keys and
             values are replaced by zeros first, so that a NaN or inf there cannot leak).
@@ -88,7 +89,9 @@ def sliding_window_attention(
     Returns:
         ``o [B, T, H, Dh]`` in ``v``'s dtype.
     """
-    check_qkv(q, k, v)
+    groups = check_qkv(q, k, v, grouped=True)
+    if groups > 1:  # grouped-query heads: each key/value head serves its group of query heads
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     check_impl(impl, ("auto", "reference", "chunk"))
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ValueError(f"window must be an int >= 0, got {window!r}")
@@ -198,8 +201,10 @@ def sliding_window_decode_step(
 
     Rotates ``q, k`` at position ``cache.length``, writes ``k, v`` into the ring buffer (in place) and
     attends over the (at most ``window + 1``) valid slots. Returns ``o [B, 1, H, Dh]`` in ``v``'s dtype.
+    Grouped-query heads: ``k, v`` (and the ring buffer) may have ``Hkv`` heads, ``H`` a multiple of ``Hkv``; query
+    head ``h`` reads key/value head ``h // (H // Hkv)``.
     """
-    check_qkv(q, k, v)
+    groups = check_qkv(q, k, v, grouped=True)
     if q.shape[1] != 1:
         raise ValueError(f"sliding_window_decode_step takes one token per sequence, got T={q.shape[1]}")
     rotary_base = check_rotary_base(rotary_base)
@@ -209,7 +214,8 @@ def sliding_window_decode_step(
     cache.write(k, v)
     valid = (cache.positions >= 0) & (cache.positions >= pos - cache.window)  # [B, S]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qh = q.to(dtype).transpose(1, 2)
+    b, _, h, dh = q.shape
+    qh = q.to(dtype).view(b, h // groups, groups, dh)  # [B, Hkv, G, Dh]: the group's queries attend together
     kh, vh = cache.keys.to(dtype).transpose(1, 2), cache.values.to(dtype).transpose(1, 2)
-    o = _attend(qh, kh, vh, valid[:, None, None, :], 1.0 / math.sqrt(q.shape[-1]))
-    return o.transpose(1, 2).to(v.dtype)
+    o = _attend(qh, kh, vh, valid[:, None, None, :], 1.0 / math.sqrt(dh))
+    return o.reshape(b, 1, h, -1).to(v.dtype)

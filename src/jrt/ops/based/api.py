@@ -8,6 +8,11 @@ so that a NaN or inf at a padded position cannot leak into the other positions).
 
 All PyTorch forms accumulate in float32 (float64 for float64 inputs) and exchange the state
 ``(S [B, H, D, Dv], z [B, H, D])`` in that dtype with the full map's ``D = 1+F+F^2``.
+
+Grouped-query heads (``q`` with ``H`` heads, ``k``/``v`` with ``Hkv``, ``H`` a multiple): the state is kept per
+key/value head (the ``H / Hkv`` query heads of a group would hold identical copies), so a GQA model's decoding
+state is ``H / Hkv`` times smaller. A decoding step (one token, no padding, no encoder) reads the shared state
+directly; every other call repeats keys, values and state for the form and keeps one state per group.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from jrt.ops.common import (
     check_qkv,
     check_state,
 )
-from jrt.ops.feature_map import feature_dim
+from jrt.ops.feature_map import feature_dim, taylor_feature_map
 
 #: Environment variable that overrides ``impl="auto"`` (e.g. ``JRT_OPS_IMPL=chunk``).
 IMPL_ENV = "JRT_OPS_IMPL"
@@ -90,6 +95,43 @@ FORMS: dict[str, Callable] = {
 }
 
 
+def _grouped(impl: str, q, k, v, keep, state0: State | None, encoder: Encoder | None, eps: float,
+             output_final_state: bool, groups: int):
+    """Grouped-query heads: ``q [B, T, H, F]``, ``k, v [B, T, Hkv, *]``, state ``[B, Hkv, ...]``. A decoding step
+    of the full-map forms reads the shared state directly (the chunked form keeps its own, equivalent, layout of
+    the symmetric second-order terms, so it goes through the repeated heads)."""
+    if q.shape[1] == 1 and keep is None and encoder is None and impl in ("recurrent", "reference"):
+        return _grouped_step(q, k, v, state0, eps, groups)
+
+    def repeat(x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x.repeat_interleave(groups, dim=dim)
+
+    state = None if state0 is None else (repeat(state0[0], 1), repeat(state0[1], 1))
+    enc = None if encoder is None else (repeat(encoder[0], 2), repeat(encoder[1], 2), encoder[2])
+    o, final = FORMS[impl](q, repeat(k, 2), repeat(v, 2), keep, state, enc, eps, output_final_state)
+    if final is not None:  # the query heads of a group hold the same state: keep the first of each group
+        final = (final[0][:, ::groups].contiguous(), final[1][:, ::groups].contiguous())
+    return o, final
+
+
+def _grouped_step(q, k, v, state0: State | None, eps: float, groups: int):
+    """One token per sequence with grouped heads: ``S += phi(k) v^T``, ``z += phi(k)`` per key/value head, then
+    every query head of the group reads them: ``o = phi(q) S / (phi(q) z + eps)``."""
+    b, _, h, f = q.shape
+    hkv, dv = k.shape[2], v.shape[-1]
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    phi_k = taylor_feature_map(k[:, 0].to(dtype))  # [B, Hkv, D]
+    s = phi_k[..., None] * v[:, 0, :, None, :].to(dtype)
+    z = phi_k
+    if state0 is not None:
+        s, z = state0[0].to(dtype) + s, state0[1].to(dtype) + z
+    phi_q = taylor_feature_map(q[:, 0].to(dtype)).view(b, hkv, groups, -1)  # [B, Hkv, G, D]
+    num = phi_q @ s  # [B, Hkv, G, Dv]
+    den = phi_q @ z[..., None]  # [B, Hkv, G, 1]
+    o = (num / (den + eps)).reshape(b, 1, h, dv).to(v.dtype)
+    return o, (s, z)
+
+
 # --------------------------------------------------------------------------------------------------
 # public operators
 # --------------------------------------------------------------------------------------------------
@@ -112,10 +154,12 @@ def linear_attention(
     ``z_i = z_0 + sum_{j<=i} phi(k_j)``.
 
     Args:
-        q, k: ``[B, T, H, F]`` raw query/key projections.
-        v: ``[B, T, H, Dv]`` values.
-        initial_state: ``(S [B, H, D, Dv], z [B, H, D])`` carried over from the previous part of the
-            sequences (``D = 1+F+F^2``); running two halves with state handoff equals running the whole.
+        q, k: ``[B, T, H, F]`` raw query/key projections (``k`` may have ``Hkv`` heads, ``H`` a multiple of
+            ``Hkv``: grouped-query heads, see the module docstring).
+        v: ``[B, T, H, Dv]`` values (``[B, T, Hkv, Dv]`` with grouped heads).
+        initial_state: ``(S [B, H, D, Dv], z [B, H, D])`` (``Hkv`` heads when grouped) carried over from the
+            previous part of the sequences (``D = 1+F+F^2``); running two halves with state handoff equals running
+            the whole.
         output_final_state: also return the state after the last position.
         eps: added to the denominator (>= 0).
         attention_mask: ``[B, T]``, 1 for tokens and 0 for padding (left or right); padded positions add
@@ -127,12 +171,14 @@ def linear_attention(
         ``(o, state)``: ``o [B, T, H, Dv]`` in ``v``'s dtype; ``state = (S, z)`` in float32 (float64 for
         float64 inputs under the PyTorch forms), or None when ``output_final_state`` is False.
     """
-    check_qkv(q, k, v)
+    groups = check_qkv(q, k, v, grouped=True)
     eps = check_eps(eps)
     b, t, h, f = q.shape
     impl = resolve_impl(impl, q.device, t, f)
     mask = check_mask(attention_mask, b, t, q.device)
-    state0 = check_state(initial_state, b, h, feature_dim(f), v.shape[-1], q.device)
+    state0 = check_state(initial_state, b, k.shape[2], feature_dim(f), v.shape[-1], q.device)
+    if groups > 1:
+        return _grouped(impl, q, k, v, mask, state0, None, eps, output_final_state, groups)
     return FORMS[impl](q, k, v, mask, state0, None, eps, output_final_state)
 
 
@@ -157,7 +203,8 @@ def prefix_linear_attention(
     tokens of sequence ``b``.
 
     Args:
-        q, k: ``[B, T, H, F]`` decoder query/key projections; ``v``: ``[B, T, H, Dv]``.
+        q, k: ``[B, T, H, F]`` decoder query/key projections; ``v``: ``[B, T, H, Dv]`` (``k``, ``v`` and the
+            encoder's may have ``Hkv`` heads: grouped-query heads, see the module docstring).
         k_enc, v_enc: ``[B, T, H, F]`` and ``[B, T, H, Dv]``, the encoder projections at the same positions.
         prefix_lengths: int ``[B]``, the prefix length ``M_b`` of each sequence counted in real tokens
             (0 allowed: the op then equals :func:`linear_attention`).
@@ -171,7 +218,7 @@ def prefix_linear_attention(
     Returns:
         ``(o [B, T, H, Dv] in v's dtype, state or None)``.
     """
-    check_qkv(q, k, v)
+    groups = check_qkv(q, k, v, grouped=True)
     check_float("k_enc", k_enc, 4)
     check_float("v_enc", v_enc, 4)
     if k_enc.shape != k.shape or v_enc.shape != v.shape:
@@ -184,5 +231,7 @@ def prefix_linear_attention(
     impl = resolve_impl(impl, q.device, t, f)
     mask = check_mask(attention_mask, b, t, q.device)
     lengths = check_prefix_lengths(prefix_lengths, b, t, mask, q.device)
-    state0 = check_state(initial_state, b, h, feature_dim(f), v.shape[-1], q.device)
+    state0 = check_state(initial_state, b, k.shape[2], feature_dim(f), v.shape[-1], q.device)
+    if groups > 1:
+        return _grouped(impl, q, k, v, mask, state0, (k_enc, v_enc, lengths), eps, output_final_state, groups)
     return FORMS[impl](q, k, v, mask, state0, (k_enc, v_enc, lengths), eps, output_final_state)
