@@ -469,7 +469,7 @@ class Linearizer:
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
         self.optimizer.step()
         self.step += 1
-        return {"step": self.step, "stage": self.stage, "loss": float(loss), **row, "lr": lr,
+        return {"step": self.step, "stage": self.stage, "loss": float(loss.detach()), **row, "lr": lr,
                 "grad_norm": float(grad_norm), "tokens": self.step * c.tokens_per_step}
 
     def evaluate(self) -> dict[str, float]:
