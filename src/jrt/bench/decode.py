@@ -126,12 +126,18 @@ def _cache_bytes(cache) -> int:
     return total
 
 
-def _llama_cache_arg() -> str:
+def _cache_keyword(model) -> str:
+    """The name under which ``model.forward`` takes its cache (``cache`` or ``past_key_values``, by transformers
+    version)."""
     import inspect
 
-    from transformers import LlamaForCausalLM
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+def _returned_cache(out):
+    """The cache of a model output, whichever field name the installed transformers uses."""
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None else getattr(out, "cache", None)
 
 
 def _row(model_name: str, context: int, batch: int, times: list[float], state_bytes: int) -> dict[str, Any]:
@@ -166,7 +172,7 @@ def measure_llama(model, context: int, batch: int, steps: int, warmup: int) -> d
     """Median seconds per decode step of the Llama baseline with a ``context``-token KV cache."""
     import torch
 
-    cache_arg = _llama_cache_arg()
+    cache_arg = _cache_keyword(model)
     with torch.inference_mode():
         cache = _llama_state(model, context, batch)
         state_bytes = _cache_bytes(cache)
@@ -199,12 +205,6 @@ def parse_pretrained(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def _cache_keyword(model) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def measure_pretrained(label: str, model, context: int, batch: int, steps: int, warmup: int) -> dict[str, Any]:
     """Prefill ``batch`` random prompts of ``context`` tokens, then time ``steps`` decode steps (median)."""
     import torch
@@ -215,7 +215,7 @@ def measure_pretrained(label: str, model, context: int, batch: int, steps: int, 
     with torch.inference_mode():
         ids = torch.randint(0, vocab, (batch, context), generator=generator)
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        cache = _returned_cache(out)
         if cache is None:
             raise ValueError(f"{label}: the model returned no cache after prefill")
         token = out.logits[:, -1:].argmax(-1)
@@ -224,7 +224,8 @@ def measure_pretrained(label: str, model, context: int, batch: int, steps: int, 
         for step in range(warmup + steps):
             start = time.perf_counter()
             out = model(input_ids=token, use_cache=True, **{keyword: cache})
-            cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None) or cache
+            returned = _returned_cache(out)
+            cache = cache if returned is None else returned
             token = out.logits[:, -1:].argmax(-1)
             if step >= warmup:
                 times.append(time.perf_counter() - start)

@@ -293,7 +293,8 @@ def _products_ops(s: Shape) -> Case:
     c, dc, dv1 = chunk.CHUNK_SIZE, feature_dim(s.feature, compressed=True), s.head_dim + 1
     rows = max(1, chunk.SEGMENT_SIZE // c)  # chunks per block
     total = s.batch * s.heads * -(-2 * s.length // c)
-    blocks = -(-total // rows)
+    rows = min(rows, total)
+    sizes = [rows] * (total // rows) + ([total % rows] if total % rows else [])  # exactly `total` chunks
     randn = _Inputs(s, on_device=False)
     qt, kt = randn(rows, c, s.feature), randn(rows, s.feature, c)
     v1, fq, fk = randn(rows, c, dv1), randn(rows, c, dc), randn(rows, dc, c)
@@ -303,11 +304,11 @@ def _products_ops(s: Shape) -> Case:
 
     def run() -> None:
         with torch.no_grad():
-            for _ in range(blocks):
-                torch.bmm(qt, kt, out=scores)
-                torch.bmm(scores, v1, out=o1)
-                torch.bmm(fk, v1, out=states)
-                o1.baddbmm_(fq, states)
+            for n in sizes:
+                torch.bmm(qt[:n], kt[:n], out=scores[:n])
+                torch.bmm(scores[:n], v1[:n], out=o1[:n])
+                torch.bmm(fk[:n], v1[:n], out=states[:n])
+                o1[:n].baddbmm_(fq[:n], states[:n])
 
     flops = linear_attention_flops(s.batch, s.heads, 2 * s.length, s.feature, s.head_dim)
     return Case(run, flops, s.batch * s.length, 0)

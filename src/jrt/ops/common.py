@@ -27,8 +27,7 @@ def check_float(name: str, x: object, dims: int) -> torch.Tensor:
     return x
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_same_dim: bool = True,
-              grouped: bool = False) -> int:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool = False) -> int:
     """``q: [B, T, H, F]``, ``k: [B, T, Hkv, F]``, ``v: [B, T, Hkv, Dv]`` on one device; returns ``H // Hkv``.
 
     ``Hkv = H`` unless ``grouped`` (grouped-query heads: query head ``h`` reads key/value head ``h // (H // Hkv)``,
@@ -36,7 +35,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_same_dim: bo
     check_float("q", q, 4)
     check_float("k", k, 4)
     check_float("v", v, 4)
-    if qk_same_dim and q.shape[-1] != k.shape[-1]:
+    if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must have the same feature dim [B, T, H, F], got {tuple(q.shape)} and "
                          f"{tuple(k.shape)}")
     if q.shape[:2] != v.shape[:2] or k.shape[:3] != v.shape[:3]:

@@ -117,7 +117,7 @@ def _grouped(impl: str, q, k, v, keep, state0: State | None, encoder: Encoder | 
 def _grouped_step(q, k, v, state0: State | None, eps: float, groups: int):
     """One token per sequence with grouped heads: ``S += phi(k) v^T``, ``z += phi(k)`` per key/value head, then
     every query head of the group reads them: ``o = phi(q) S / (phi(q) z + eps)``."""
-    b, _, h, f = q.shape
+    b, _, h, _ = q.shape
     hkv, dv = k.shape[2], v.shape[-1]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     phi_k = taylor_feature_map(k[:, 0].to(dtype))  # [B, Hkv, D]
