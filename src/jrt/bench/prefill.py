@@ -48,6 +48,7 @@ from jrt.bench.prefill_methods import (
     sdpa_flops,
     time_call,
 )
+from jrt.ops.common import check_impl
 
 #: The methods of the ``ops`` backend (any device, through :mod:`jrt.ops`), in table order.
 METHODS = ("sdpa", "jrt_prompt", "jrt_rnn", "jrt_prompt_products")
@@ -98,9 +99,13 @@ def run_prefill(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if split_method(m)[0] not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose among {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose among {', '.join(METHODS)} "
+                         "(each optionally with @IMPL, e.g. jrt_prompt@chunk)")
+    for m in methods:
+        if split_method(m)[1] is not None:
+            check_impl(split_method(m)[1])
     if any(t < 2 for t in lengths):
         raise ValueError(f"lengths must be >= 2, got {lengths}")
     torch_dtype = _parse_dtype(dtype, dev)
@@ -108,12 +113,13 @@ def run_prefill(
     rows: list[Row] = []
     for t in lengths:
         for method in methods:
-            shape = Shape(batch, heads, t, feature, head_dim, dev, torch_dtype, impl, backward=backward)
-            case = build(method, "ops", shape)
+            base, own_impl = split_method(method)
+            shape = Shape(batch, heads, t, feature, head_dim, dev, torch_dtype, own_impl or impl, backward=backward)
+            case = build(base, "ops", shape)
             seconds, peak = time_call(case.run, dev, repeats, warmup)
             rows.append(Row(method, t, batch, heads, seconds, peak, case.flops / seconds / 1e9))
             if progress:
-                progress(f"  {method:<11} T={t:<6} {seconds * 1e3:10.1f} ms")
+                progress(f"  {method:<18} T={t:<6} {seconds * 1e3:10.1f} ms")
             del case
     machine = _machine(dev, torch_dtype)
     machine["matmul_gflops"] = max(matmul_before, matmul_gflops(dev, torch_dtype))
@@ -121,6 +127,13 @@ def run_prefill(
     return {"rows": out, "machine": machine,
             "config": {"head_dim": head_dim, "feature_dim": feature, "dtype": str(torch_dtype), "impl": impl,
                        "repeats": repeats, "warmup": warmup, "backward": backward}}
+
+
+def split_method(method: str) -> tuple[str, str | None]:
+    """``"jrt_prompt@chunk"`` -> ``("jrt_prompt", "chunk")``: a method with its own ``jrt.ops`` implementation
+    (so that two implementations are timed side by side in one run); ``"sdpa"`` -> ``("sdpa", None)``."""
+    base, _, impl = method.partition("@")
+    return base, (impl or None)
 
 
 def _parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -161,25 +174,29 @@ def format_table(result: dict) -> str:
     ratios per length."""
     rows = result["rows"]
     by = {(r["method"], r["length"]): r for r in rows}
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    seen = list(dict.fromkeys(r["method"] for r in rows))
+    methods = sorted(seen, key=lambda m: (METHODS.index(split_method(m)[0]), seen.index(m)))
     lengths = sorted({r["length"] for r in rows})
     mm = result["machine"]["matmul_gflops"]
-    head = f"{'T':>7} " + "".join(f"{m + ' ms':>14}{'GFLOP/s':>9}{'% mm':>6}{'peak MB':>9}" for m in methods)
-    ratio_names = [m for m in methods if m not in ("sdpa", "jrt_prompt_products")] if "sdpa" in methods else []
-    head += "".join(f"{'sdpa/' + m:>16}" for m in ratio_names)
+    width = {m: max(14, len(m) + 4) for m in methods}  # time column
+    ratio_names = [m for m in methods if split_method(m)[0] not in ("sdpa", "jrt_prompt_products")]
+    ratio_names = ratio_names if "sdpa" in methods else []
+    ratio_width = {m: max(16, len(m) + 7) for m in ratio_names}
+    head = f"{'T':>7} " + "".join(f"{m + ' ms':>{width[m]}}{'GFLOP/s':>9}{'% mm':>6}{'peak MB':>9}" for m in methods)
+    head += "".join(f"{'sdpa/' + m:>{ratio_width[m]}}" for m in ratio_names)
     lines = [head, "-" * len(head)]
     for t in lengths:
         line = f"{t:>7} "
         for m in methods:
             r = by.get((m, t))
             if r is None:
-                line += f"{'-':>14}{'-':>9}{'-':>6}{'-':>9}"
+                line += f"{'-':>{width[m]}}{'-':>9}{'-':>6}{'-':>9}"
                 continue
             mem = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.0f}"
-            line += f"{r['seconds'] * 1e3:>14.1f}{r['gflops']:>9.1f}{100 * r['gflops'] / mm:>6.1f}{mem:>9}"
+            line += f"{r['seconds'] * 1e3:>{width[m]}.1f}{r['gflops']:>9.1f}{100 * r['gflops'] / mm:>6.1f}{mem:>9}"
         for m in ratio_names:
             if (m, t) in by and ("sdpa", t) in by:
-                line += f"{by[('sdpa', t)]['seconds'] / by[(m, t)]['seconds']:>15.1f}x"
+                line += f"{by[('sdpa', t)]['seconds'] / by[(m, t)]['seconds']:>{ratio_width[m] - 1}.1f}x"
         lines.append(line)
     machine = result["machine"]
     mode = "forward + backward" if result.get("config", {}).get("backward") else "forward"
@@ -206,11 +223,12 @@ def add_parser(bench: argparse._SubParsersAction) -> None:
     parser.add_argument("--feature-dim", type=int, default=16, help="query/key feature dim F (default 16)")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"subset of {','.join(METHODS)} (default: %(default)s; jrt_prompt_products times only "
-                        "the chunked form's batched products: the ceiling of its %% mm)")
+                        help=f"subset of {','.join(METHODS)}, each optionally as METHOD@IMPL to time one jrt.ops "
+                        "implementation beside another in one run, e.g. jrt_prompt,jrt_prompt@chunk (default: "
+                        "%(default)s; jrt_prompt_products times only the chunked form's batched products)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per point (median reported)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--impl", default="auto", help="jrt.ops implementation (auto, chunk, triton...)")
+    parser.add_argument("--impl", default="auto", help="jrt.ops implementation (auto, native, chunk, triton...)")
     parser.add_argument("--backward", action="store_true",
                         help="time forward + backward (a gradient of ones on the output) instead of the forward")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -14,7 +14,7 @@ import torch
 #: A linear-attention state ``(S [B, H, D, Dv], z [B, H, D])``.
 State = tuple[torch.Tensor, torch.Tensor]
 #: Implementations of the linear-attention operators (``"auto"`` picks one per call).
-IMPLS = ("auto", "reference", "chunk", "recurrent", "triton")
+IMPLS = ("auto", "reference", "chunk", "recurrent", "triton", "native")
 
 
 def check_float(name: str, x: object, dims: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from jrt.ops.based import naive, recurrent
+from jrt.ops.based import naive, native, recurrent
 from jrt.ops.based.layout import Encoder, chunked, pytorch_form
 from jrt.ops.common import (
     State,
@@ -53,7 +53,9 @@ def resolve_impl(impl: str, device: torch.device, length: int, feature: int | No
     """The implementation that ``impl`` stands for on ``device`` for ``length`` tokens of feature dim ``feature``.
 
     ``auto`` honours ``JRT_OPS_IMPL`` when set; otherwise it takes Triton on CUDA when it imports and supports
-    the feature dim, the token loop for single tokens (decoding), and the chunked form everywhere else.
+    the feature dim, the token loop for single tokens (decoding), the native kernel on CPUs where it builds
+    (:mod:`.native`; the operators fall back to the chunked form when autograd or float64 rules it out), and
+    the chunked form everywhere else.
     """
     check_impl(impl)
     if impl != "auto":
@@ -66,7 +68,16 @@ def resolve_impl(impl: str, device: torch.device, length: int, feature: int | No
 
         if feature is None or feature <= kernels.MAX_FEATURE_DIM:
             return "triton"
-    return "recurrent" if length == 1 else "chunk"
+    if length == 1:
+        return "recurrent"
+    return "native" if device.type == "cpu" and native.available() else "chunk"
+
+
+def _settle(requested: str, impl: str, *tensors) -> str:
+    """``native`` chosen by ``auto`` gives way to the chunked form where it cannot run (autograd, float64)."""
+    if impl == "native" and requested == "auto" and not native.supports(*tensors):
+        return "chunk"
+    return impl
 
 
 def _triton(q, k, v, keep, state0: State | None, encoder: Encoder | None, eps: float, output_final_state: bool):
@@ -92,6 +103,7 @@ FORMS: dict[str, Callable] = {
     "chunk": pytorch_form(chunked, divides=True),
     "recurrent": pytorch_form(recurrent.forward),
     "triton": _triton,
+    "native": native.form,
 }
 
 
@@ -165,7 +177,7 @@ def linear_attention(
         attention_mask: ``[B, T]``, 1 for tokens and 0 for padding (left or right); padded positions add
             nothing to any sum, whatever they hold (their own outputs are meaningless).
         impl: ``"reference"`` (quadratic), ``"chunk"`` (linear in T), ``"recurrent"`` (token loop),
-            ``"triton"`` (GPU kernels) or ``"auto"``.
+            ``"triton"`` (GPU kernels), ``"native"`` (the compiled CPU kernel, inference) or ``"auto"``.
 
     Returns:
         ``(o, state)``: ``o [B, T, H, Dv]`` in ``v``'s dtype; ``state = (S, z)`` in float32 (float64 for
@@ -174,10 +186,10 @@ def linear_attention(
     groups = check_qkv(q, k, v, grouped=True)
     eps = check_eps(eps)
     b, t, h, f = q.shape
-    impl = resolve_impl(impl, q.device, t, f)
     mask = check_mask(attention_mask, b, t, q.device)
     state0 = check_state(initial_state, b, k.shape[2], feature_dim(f), v.shape[-1], q.device)
-    if groups > 1:
+    impl = _settle(impl, resolve_impl(impl, q.device, t, f), q, k, v, *(state0 or ()))
+    if groups > 1 and impl != "native":
         return _grouped(impl, q, k, v, mask, state0, None, eps, output_final_state, groups)
     return FORMS[impl](q, k, v, mask, state0, None, eps, output_final_state)
 
@@ -228,10 +240,10 @@ def prefix_linear_attention(
         )
     eps = check_eps(eps)
     b, t, h, f = q.shape
-    impl = resolve_impl(impl, q.device, t, f)
     mask = check_mask(attention_mask, b, t, q.device)
     lengths = check_prefix_lengths(prefix_lengths, b, t, mask, q.device)
     state0 = check_state(initial_state, b, k.shape[2], feature_dim(f), v.shape[-1], q.device)
-    if groups > 1:
+    impl = _settle(impl, resolve_impl(impl, q.device, t, f), q, k, v, k_enc, v_enc, *(state0 or ()))
+    if groups > 1 and impl != "native":
         return _grouped(impl, q, k, v, mask, state0, (k_enc, v_enc, lengths), eps, output_final_state, groups)
     return FORMS[impl](q, k, v, mask, state0, (k_enc, v_enc, lengths), eps, output_final_state)
