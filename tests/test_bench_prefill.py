@@ -84,3 +84,16 @@ def test_flop_model_of_the_chunked_algorithm():
     lower triangles of C = 64), and 19,890 per prefix token."""
     assert prefill.linear_attention_flops(1, 1, 1000, 16, 64) == 45_045 * 1000
     assert prefill.prefix_flops(1, 1, 1000, 500, 16, 64) == 45_045 * 1000 + 19_890 * 500
+
+
+def test_methods_with_their_own_implementation_side_by_side(capsys):
+    """``METHOD@IMPL`` times one implementation beside another in one run; the table and the ratios name both."""
+    result = prefill.run_prefill([96], heads=2, head_dim=8, feature=4, repeats=1, warmup=0, progress=None,
+                                 methods=("sdpa", "jrt_prompt", "jrt_prompt@chunk", "jrt_rnn@reference"))
+    assert [r["method"] for r in result["rows"]] == ["sdpa", "jrt_prompt", "jrt_prompt@chunk", "jrt_rnn@reference"]
+    table = prefill.format_table(result)
+    assert "jrt_prompt@chunk ms" in table and "sdpa/jrt_prompt@chunk" in table and "sdpa/jrt_rnn@reference" in table
+    with pytest.raises(ValueError, match="unknown impl"):
+        prefill.run_prefill([32], methods=("jrt_prompt@bogus",), progress=None)
+    with pytest.raises(ValueError, match="unknown method"):
+        prefill.run_prefill([32], methods=("nope@chunk",), progress=None)

@@ -20,6 +20,7 @@ OPS_RANKS = {
     "jrt.ops.based.chunk": 2,
     "jrt.ops.based.recurrent": 2,
     "jrt.ops.based.chunk_inference": 3,
+    "jrt.ops.based.native": 4,
     "jrt.ops.based.layout": 4,
     "jrt.ops.triton": 5,
     "jrt.ops.triton._kernels": 5,
