@@ -28,7 +28,12 @@ namespace {
 
 constexpr int C = 64;  // chunk length
 constexpr int W = 16;  // floats per vector
-constexpr int R = 6;   // rows per micro-kernel block (R x 4 accumulators of 16 floats)
+constexpr int R = 6;   // rows per micro-kernel block
+#if defined(__AVX512F__)
+constexpr int VB = 4;  // 16-float vectors per block row: 6 x 4 accumulators in 24 of the 32 AVX-512 registers
+#else
+constexpr int VB = 1;  // a 16-float vector is two AVX2 registers: 6 x 2 accumulators of the 16 (the classic 6x16)
+#endif
 
 typedef float vf __attribute__((vector_size(64)));
 typedef float vfu __attribute__((vector_size(64), aligned(4)));  // unaligned access
@@ -89,7 +94,7 @@ template <int RR>
 inline void micro_cols(const float* a, long ars, long aks, const float* b, long ldb, int K, float* c, long ldc,
                        int nvec, bool zero) {
   int j = 0;
-  for (; j + 4 <= nvec; j += 4) micro<RR, 4>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero);
+  for (; j + VB <= nvec; j += VB) micro<RR, VB>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero);
   switch (nvec - j) {
     case 3: micro<RR, 3>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero); break;
     case 2: micro<RR, 2>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero); break;
@@ -117,15 +122,24 @@ inline void block(int rr, const float* a, long ars, long aks, const float* b, lo
 // stride of whole pages between tokens defeats the hardware prefetchers, and a burst of hundreds of prefetches
 // would stall on the line-fill buffers.
 struct Ahead {
-  const float *q = nullptr, *k = nullptr, *v = nullptr;
-  int64_t qs = 0, ks = 0, vs = 0;
-  int f = 0, dv = 0, next = 0, n = 0;
+  struct Stream {
+    const float* p;
+    int64_t stride;
+    int floats;
+  };
+  Stream streams[6];
+  int count = 0, next = 0, n = 0;
 
+  // tokens t0 .. t0+n-1 of a stream that starts at p (token stride, floats per token); p == nullptr: none
+  void add(const float* p, int64_t t0, int64_t stride, int floats) {
+    if (p) streams[count++] = {p + t0 * stride, stride, floats};
+  }
   void step(int tokens) {
     for (const int stop = std::min(n, next + tokens); next < stop; ++next) {
-      __builtin_prefetch(k + next * ks);
-      if (q) __builtin_prefetch(q + next * qs);
-      for (int i = 0; i < dv; i += W) __builtin_prefetch(v + next * vs + i);
+      for (int i = 0; i < count; ++i) {
+        const float* p = streams[i].p + next * streams[i].stride;
+        for (int j = 0; j < streams[i].floats; j += W) __builtin_prefetch(p + j);
+      }
     }
   }
 };
@@ -150,6 +164,51 @@ inline void features(const float* xt, int f, float* out, bool halve) {
       const float* y = xt + (a + d) * C;
       for (int t = 0; t < C; t += W) store(row + t, load(x + t) * load(y + t) * scale);
     }
+  }
+}
+
+// The backward pass of features(): dx [F, C] = d(features)/dx^T dfeat, from dfeat [Dc, C] and x [F, C].
+inline void features_backward(const float* dfeat, const float* xt, int f, float* dx, bool halve) {
+  std::memcpy(dx, dfeat + C, sizeof(float) * f * C);
+  const float* row = dfeat + (1 + f) * C;
+  for (int d = 0; d < f; ++d) {
+    for (int a = 0; a + d < f; ++a, row += C) {
+      float* da = dx + a * C;
+      float* db = dx + (a + d) * C;
+      const float* x = xt + a * C;
+      const float* y = xt + (a + d) * C;
+      if (d == 0) {
+        const vf two = splat(halve ? 1.0f : 2.0f);
+        for (int t = 0; t < C; t += W) store(da + t, load(da + t) + load(row + t) * load(x + t) * two);
+      } else {
+        for (int t = 0; t < C; t += W) {
+          const vf r = load(row + t);
+          store(da + t, load(da + t) + r * load(y + t));
+          store(db + t, load(db + t) + r * load(x + t));
+        }
+      }
+    }
+  }
+}
+
+// c [m, C] += a [m] b [C]^T (a rank-one update of a feature-major block; rows m .. dcp-1 of c may be touched).
+inline void rank1(int m, const float* a, const float* b, float* c) {
+  for (int i = 0; i < m; ++i) {
+    const vf x = splat(a[i]);
+    for (int j = 0; j < C; j += W) store(c + i * C + j, load(c + i * C + j) + x * load(b + j));
+  }
+}
+
+// u[i] += sum_t feat[i, t] x[t] for i < m (m rounded up to 16: rows up to dcp of feat must be readable).
+inline void row_dots(int m, const float* feat, const float* x, float* u) {
+  for (int i0 = 0; i0 < m; i0 += W) {
+    vf sums[W];
+    for (int i = 0; i < W; ++i) {
+      vf acc = {};
+      for (int j = 0; j < C / W; ++j) acc += load(feat + (i0 + i) * C + j * W) * load(x + j * W);
+      sums[i] = acc;
+    }
+    store(u + i0, load(u + i0) + hsum16(sums));
   }
 }
 
@@ -192,10 +251,12 @@ extern "C" {
 // Strides (in floats) are given for the sequence, head and time dimensions; the last dimension is contiguous.
 // state: [B*H, Dc, Dv+1] running states in the compressed, weighted, diagonal-ordered space of chunk.py, read at
 // the start and overwritten with the final state. keep: [B, T] bytes or null. q == nullptr: state update only.
+// den_out: [B*H, T] or null, receives each position's denominator (before eps).
 // Returns 0, or 1 when the work buffers could not be allocated.
 int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_t length, int64_t f, int64_t dv,
                    const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
-                   const int64_t* vs, const uint8_t* keep, float* o, const int64_t* os, float eps, float* state) {
+                   const int64_t* vs, const uint8_t* keep, float* o, const int64_t* os, float eps, float* state,
+                   float* den_out) {
   Work w;
   if (!w.init(int(f), int(dv))) return 1;
   const int dc = w.dc, dvp = w.dvp, dcp = w.dcp, nvec = w.nvec, dv1 = int(dv) + 1;
@@ -230,14 +291,9 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
       const int64_t ng = g + 1 < g1 ? g + 1 : g0, nt = g + 1 < g1 ? t0 : t0 + C;
       const int64_t nb = ng / heads, nh = ng % heads, nhk = nh / groups;
       if (nt < length) {
-        ahead.q = q ? q + nb * qs[0] + nh * qs[1] + nt * qs[2] : nullptr;
-        ahead.k = k + nb * ks[0] + nhk * ks[1] + nt * ks[2];
-        ahead.v = v + nb * vs[0] + nhk * vs[1] + nt * vs[2];
-        ahead.qs = q ? qs[2] : 0;
-        ahead.ks = ks[2];
-        ahead.vs = vs[2];
-        ahead.f = int(f);
-        ahead.dv = int(dv);
+        ahead.add(q ? q + nb * qs[0] + nh * qs[1] : nullptr, nt, q ? qs[2] : 0, int(f));
+        ahead.add(k + nb * ks[0] + nhk * ks[1], nt, ks[2], int(f));
+        ahead.add(v + nb * vs[0] + nhk * vs[1], nt, vs[2], int(dv));
         ahead.n = int(std::min<int64_t>(C, length - nt));
       }
     }
@@ -296,7 +352,8 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
           const int rr = std::min(R, C - r);
           block(rr, w.p + r * C, C, 1, w.v, dvp, r + rr, w.o + r * dvp, dvp, nvec, false);
         }
-        // o = O / (den + eps) in the caller's layout
+        // o = O / (den + eps) in the caller's layout (and den, for the backward pass)
+        if (den_out) std::memcpy(den_out + g * length + t0, w.den, sizeof(float) * n);
         float* orow = o + b * os[0] + h * os[1];
         for (int t = 0; t < n; ++t) {
           const float inv = 1.0f / (w.den[t] + eps);
@@ -337,6 +394,256 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
 #if defined(__AVX512F__)
   _mm_sfence();
 #endif
+  return 0;
+}
+
+// The buffers of the backward pass of one row (all [., C] blocks feature- or value-major, [C, .] token-major).
+struct BackWork {
+  int f, dv, dc, nvec, dvp, dcp, fp;
+  float *qt, *kt, *qr, *kr, *v, *vt, *ones, *g, *gt, *gden, *feat, *dfeat, *dx, *s, *p, *ds, *dqc, *dkc, *dvc,
+      *u, *uden;
+  void* base = nullptr;
+
+  bool init(int f_, int dv_) {
+    f = f_;
+    dv = dv_;
+    dc = 1 + f + f * (f + 1) / 2;
+    nvec = (dv + W - 1) / W;
+    dvp = nvec * W;
+    dcp = (dc + W - 1) / W * W;
+    fp = (f + W - 1) / W * W;
+    const size_t fc = size_t(f) * C, cf = size_t(C) * fp, cv = size_t(C) * dvp, vc = size_t(dvp) * C,
+                 dcc = size_t(dcp) * C, cc = size_t(C) * C;
+    const size_t sizes[] = {fc, fc, cf, cf, cv, vc, C, cv, vc, C, dcc, dcc, fc, cc, cc, cc, cf, cf, cv,
+                            size_t(dc) * dvp, size_t(dcp)};
+    float** slots[] = {&qt, &kt, &qr, &kr, &v, &vt, &ones, &g, &gt, &gden, &feat, &dfeat, &dx, &s, &p, &ds,
+                       &dqc, &dkc, &dvc, &u, &uden};
+    constexpr int count = sizeof(sizes) / sizeof(sizes[0]);
+    size_t total = 0;
+    for (size_t n : sizes) total += (n + W - 1) / W * W;
+    base = std::aligned_alloc(64, total * sizeof(float));
+    if (!base) return false;
+    std::memset(base, 0, total * sizeof(float));
+    float* ptr = static_cast<float*>(base);
+    for (int i = 0; i < count; ++i) {
+      *slots[i] = ptr;
+      ptr += (sizes[i] + W - 1) / W * W;
+    }
+    return true;
+  }
+  ~BackWork() { std::free(base); }
+};
+
+// The backward pass of jrt_based_rows for rows g0 .. g1-1, by two sweeps over the chunks of each row:
+//   forwards, with the running state U rebuilt chunk by chunk: dq (through the read fq^T U and the intra-chunk
+//   scores) and the intra-chunk parts of dk and dv;
+//   backwards, with G = dL/dU after the chunk: the state parts of dk and dv (U += fk [v, 1] gives
+//   d fk = G [v, 1]^T and d[v, 1] = fk^T G), then G += fq [g, gden] (the chunk's read of U).
+// With dO the output's gradient, o the output and den the denominator: g = dO / (den + eps) and
+// gden = -(dO . o) / (den + eps) are the gradients of the numerator and the denominator.
+// q == nullptr: the state of an encoder sum (no output): dk, dv from G = dfinal alone.
+// start: [B*H, Dc, Dv+1] the running state before the first token (as jrt_based_rows read it); dfinal: the
+// gradient of the final state, same layout, or null; den: [B*H, T] from jrt_based_rows. dq [B, T, H, F], dk
+// [B, T, H, F] and dv [B, T, H, Dv] are written for every position (per query head: a group's key/value head
+// gradient is the sum over its query heads, taken by the caller); dstart [B*H, Dc, Dv+1] receives dL/d start.
+int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_t length, int64_t f,
+                            int64_t dv, const float* q, const int64_t* qs, const float* k, const int64_t* ks,
+                            const float* v, const int64_t* vs, const uint8_t* keep, const float* o,
+                            const int64_t* os, const float* den, const float* dout, const int64_t* douts, float eps,
+                            const float* start, const float* dfinal, float* dq, const int64_t* dqs, float* dk,
+                            const int64_t* dks, float* dvv, const int64_t* dvs, float* dstart) {
+  BackWork w;
+  if (!w.init(int(f), int(dv))) return 1;
+  const int dc = w.dc, dvp = w.dvp, fp = w.fp, nvec = w.nvec, dv1 = int(dv) + 1, fv = fp / W;
+  const float kscale = 1.0f / __builtin_sqrtf(float(f));
+  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const int64_t chunks = (length + C - 1) / C;
+
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t b = g / heads, h = g % heads, hk = h / groups;
+    const float* qrow = q ? q + b * qs[0] + h * qs[1] : nullptr;
+    const float* krow = k + b * ks[0] + hk * ks[1];
+    const float* vrow = v + b * vs[0] + hk * vs[1];
+    const float* orow = q ? o + b * os[0] + h * os[1] : nullptr;
+    const float* dorow = q ? dout + b * douts[0] + h * douts[1] : nullptr;
+    const float* denrow = q ? den + g * length : nullptr;
+    const uint8_t* keeprow = keep ? keep + b * length : nullptr;
+    float* dqrow = q ? dq + b * dqs[0] + h * dqs[1] : nullptr;
+    float* dkrow = dk + b * dks[0] + h * dks[1];
+    float* dvrow = dvv + b * dvs[0] + h * dvs[1];
+
+    // one chunk's inputs: q, k / sqrt(F) (feature- and token-major), [v] (token- and value-major), the ones
+    // column, and the numerator's and denominator's gradients g, gden (zero past the end)
+    auto load_chunk = [&](int64_t t0, int n) {
+      for (int t = 0; t < C; ++t) {
+        const bool real = t < n && (!keeprow || keeprow[t0 + t]);
+        const float* kt = krow + (t0 + t) * ks[2];
+        const float* vt = vrow + (t0 + t) * vs[2];
+        for (int i = 0; i < f; ++i) {
+          const float x = real ? kt[i] * kscale : 0.0f;
+          w.kt[i * C + t] = x;
+          w.kr[t * fp + i] = x;
+        }
+        for (int j = 0; j < dv; ++j) {
+          const float x = real ? vt[j] : 0.0f;
+          w.v[t * dvp + j] = x;
+          w.vt[j * C + t] = x;
+        }
+        w.ones[t] = real ? 1.0f : 0.0f;
+        if (!q) continue;
+        const float* qt = qrow + (t0 + t) * qs[2];
+        for (int i = 0; i < f; ++i) {
+          const float x = t < n ? qt[i] : 0.0f;
+          w.qt[i * C + t] = x;
+          w.qr[t * fp + i] = x;
+        }
+        if (t < n) {
+          const float* dot = dorow + (t0 + t) * douts[2];
+          const float* ot = orow + (t0 + t) * os[2];
+          const float inv = 1.0f / (denrow[t0 + t] + eps);
+          float dsum = 0.0f;
+          for (int j = 0; j < dv; ++j) {
+            const float x = dot[j] * inv;
+            w.g[t * dvp + j] = x;
+            w.gt[j * C + t] = x;
+            dsum += dot[j] * ot[j];
+          }
+          w.gden[t] = -dsum * inv;
+        } else {
+          for (int j = 0; j < dv; ++j) {
+            w.g[t * dvp + j] = 0.0f;
+            w.gt[j * C + t] = 0.0f;
+          }
+          w.gden[t] = 0.0f;
+        }
+      }
+    };
+
+    // the intra-chunk term of a loaded chunk: s = q k^T, P = 1 + s + s^2/2 (lower triangle),
+    // dP = g v^T + gden 1^T, ds = dP (1 + s) (lower triangle)
+    auto intra = [&]() {
+      for (int r = 0; r < C; r += R) {
+        const int rr = std::min(R, C - r), nb = (r + rr - 1) / W + 1;
+        block(rr, w.qt + r, 1, C, w.kt, C, int(f), w.s + r * C, C, nb, true);
+        block(rr, w.g + r * dvp, dvp, 1, w.vt, C, int(dv), w.ds + r * C, C, nb, true);
+      }
+      for (int t = 0; t < C; ++t) {
+        const vf gd = splat(w.gden[t]);
+        for (int j = 0; j < C / W; ++j) {
+          if (j > t / W) {
+            store(w.p + t * C + j * W, vf{});
+            store(w.ds + t * C + j * W, vf{});
+            continue;
+          }
+          const vf sc = load(w.s + t * C + j * W);
+          const auto lower = (lane + j * W) <= t;
+          const vf dp = load(w.ds + t * C + j * W) + gd * load(w.ones + j * W);
+          store(w.p + t * C + j * W, lower ? splat(1.0f) + sc + splat(0.5f) * sc * sc : vf{});
+          store(w.ds + t * C + j * W, lower ? dp * (splat(1.0f) + sc) : vf{});
+        }
+      }
+    };
+    // prefetch the inputs of chunk c, spread over the products of the current one
+    auto ahead_of = [&](int64_t c, Ahead& ahead) {
+      if (c < 0 || c >= chunks) return;
+      const int64_t t0 = c * C;
+      ahead.add(qrow, t0, q ? qs[2] : 0, int(f));
+      ahead.add(krow, t0, ks[2], int(f));
+      ahead.add(vrow, t0, vs[2], int(dv));
+      ahead.add(orow, t0, q ? os[2] : 0, int(dv));
+      ahead.add(dorow, t0, q ? douts[2] : 0, int(dv));
+      ahead.n = int(std::min<int64_t>(C, length - t0));
+    };
+
+    // sweep 1, forwards, with the running state U rebuilt chunk by chunk: dq
+    if (q) {
+      const float* st = start + g * int64_t(dc) * dv1;
+      for (int i = 0; i < dc; ++i) {
+        std::memcpy(w.u + i * dvp, st + i * dv1, sizeof(float) * dv);
+        w.uden[i] = st[i * dv1 + dv];
+      }
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t t0 = c * C;
+        const int n = int(std::min<int64_t>(C, length - t0));
+        Ahead ahead;
+        ahead_of(c + 1, ahead);
+        load_chunk(t0, n);
+        // through the read: dfq = U g^T + u gden^T, then dq from the features
+        features(w.qt, int(f), w.feat, false);
+        gemm(dc, w.u, dvp, 1, w.gt, C, int(dv), w.dfeat, C, C / W, true, &ahead);
+        rank1(dc, w.uden, w.gden, w.dfeat);
+        features_backward(w.dfeat, w.qt, int(f), w.dx, false);
+        // through the intra-chunk scores: dq += ds k
+        intra();
+        for (int r = 0; r < C; r += R) {
+          const int rr = std::min(R, C - r);
+          block(rr, w.ds + r * C, C, 1, w.kr, fp, r + rr, w.dqc + r * fp, fp, fv, true);
+        }
+        for (int t = 0; t < n; ++t) {
+          float* dqt = dqrow + (t0 + t) * dqs[2];
+          for (int i = 0; i < f; ++i) dqt[i] = w.dx[i * C + t] + w.dqc[t * fp + i];
+        }
+        // the running state for the next chunk: U += fk [v, 1]
+        features(w.kt, int(f), w.feat, true);
+        gemm(dc, w.feat, C, 1, w.v, dvp, n, w.u, dvp, nvec, false, &ahead);
+        row_dots(dc, w.feat, w.ones, w.uden);
+      }
+    }
+
+    // sweep 2, backwards, with G = dL/dU after the chunk: dk and dv
+    {
+      float* gs = w.u;  // reused: G [Dc, Dvp] and Gden [Dcp]
+      float* gsden = w.uden;
+      std::memset(gs, 0, sizeof(float) * dc * dvp);
+      std::memset(gsden, 0, sizeof(float) * w.dcp);
+      if (dfinal) {
+        const float* st = dfinal + g * int64_t(dc) * dv1;
+        for (int i = 0; i < dc; ++i) {
+          std::memcpy(gs + i * dvp, st + i * dv1, sizeof(float) * dv);
+          gsden[i] = st[i * dv1 + dv];
+        }
+      }
+      for (int64_t c = chunks - 1; c >= 0; --c) {
+        const int64_t t0 = c * C;
+        const int n = int(std::min<int64_t>(C, length - t0));
+        Ahead ahead;
+        ahead_of(c - 1, ahead);
+        load_chunk(t0, n);
+        // through the state: d fk = G [v, 1]^T (dk from the features of the scaled keys), d[v] = fk^T G
+        features(w.kt, int(f), w.feat, true);
+        gemm(dc, gs, dvp, 1, w.vt, C, int(dv), w.dfeat, C, C / W, true, &ahead);
+        rank1(dc, gsden, w.ones, w.dfeat);
+        features_backward(w.dfeat, w.kt, int(f), w.dx, true);
+        gemm(C, w.feat, 1, C, gs, dvp, dc, w.dvc, dvp, nvec, true, &ahead);
+        if (q) {
+          // through the intra-chunk term: rows s of dk += ds^T q and dv += P^T g (the terms t >= s)
+          intra();
+          for (int r = 0; r < C; r += R) {
+            const int rr = std::min(R, C - r);
+            block(rr, w.ds + r * C + r, 1, C, w.qr + r * fp, fp, C - r, w.dkc + r * fp, fp, fv, true);
+            block(rr, w.p + r * C + r, 1, C, w.g + r * dvp, dvp, C - r, w.dvc + r * dvp, dvp, nvec, false);
+          }
+        }
+        for (int t = 0; t < n; ++t) {
+          const bool real = !keeprow || keeprow[t0 + t];
+          float* dkt = dkrow + (t0 + t) * dks[2];
+          float* dvt = dvrow + (t0 + t) * dvs[2];
+          for (int i = 0; i < f; ++i) dkt[i] = real ? (w.dx[i * C + t] + (q ? w.dkc[t * fp + i] : 0.0f)) * kscale : 0.0f;
+          for (int j = 0; j < dv; ++j) dvt[j] = real ? w.dvc[t * dvp + j] : 0.0f;
+        }
+        if (!q) continue;
+        // the chunk's read of U: G += fq [g, gden]
+        features(w.qt, int(f), w.feat, false);
+        gemm(dc, w.feat, C, 1, w.g, dvp, n, gs, dvp, nvec, false, &ahead);
+        row_dots(dc, w.feat, w.gden, gsden);
+      }
+      float* st = dstart + g * int64_t(dc) * dv1;
+      for (int i = 0; i < dc; ++i) {
+        std::memcpy(st + i * dv1, gs + i * dvp, sizeof(float) * dv);
+        st[i * dv1 + dv] = gsden[i];
+      }
+    }
+  }
   return 0;
 }
 

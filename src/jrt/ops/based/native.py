@@ -29,9 +29,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from jrt.ops.based.chunk import to_full, to_internal
 from jrt.ops.based.chunk_inference import single_threaded_workers
@@ -43,7 +45,7 @@ SOURCE = Path(__file__).with_name("native.cpp")
 NATIVE_ENV = "JRT_NATIVE"
 #: Environment variable: where compiled libraries are kept.
 CACHE_ENV = "JRT_KERNEL_CACHE"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-Wno-psabi")
 
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
@@ -92,8 +94,11 @@ def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     p = ctypes.c_void_p
     i64 = ctypes.c_int64
-    lib.jrt_based_rows.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, ctypes.c_float, p]
+    f32 = ctypes.c_float
+    lib.jrt_based_rows.argtypes = [i64] * 7 + [p] * 9 + [f32, p, p]
     lib.jrt_based_rows.restype = ctypes.c_int
+    lib.jrt_based_backward_rows.argtypes = [i64] * 7 + [p] * 12 + [f32] + [p] * 9
+    lib.jrt_based_backward_rows.restype = ctypes.c_int
     return lib
 
 
@@ -125,11 +130,8 @@ def unavailable_reason() -> str | None:
 
 
 def supports(*tensors: torch.Tensor | None) -> bool:
-    """True when the native form can run on these inputs: CPU, not float64, nothing needs a gradient."""
-    real = [x for x in tensors if x is not None]
-    if any(x.device.type != "cpu" or x.dtype == torch.float64 for x in real):
-        return False
-    return not (torch.is_grad_enabled() and any(x.requires_grad for x in real))
+    """True when the native form can run on these inputs: CPU tensors, not float64."""
+    return all(x.device.type == "cpu" and x.dtype != torch.float64 for x in tensors if x is not None)
 
 
 _MADV_HUGEPAGE = 14
@@ -175,66 +177,138 @@ def _ready(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _run(lib: ctypes.CDLL, rows: int, heads: int, groups: int, q, k, v, keep, o, eps: float, state) -> None:
-    """Rows of ``B*H`` in blocks over the worker pool; ``q is None``: state update only."""
-    t, f, dv = k.shape[1], k.shape[-1], v.shape[-1]
-    ks, vs = _strides(k), _strides(v)
-    qs = _strides(q) if q is not None else None
-    os_ = _strides(o) if o is not None else None
-    ptr = ctypes.c_void_p
-
-    def call(span: tuple[int, int]) -> None:
-        code = lib.jrt_based_rows(
-            span[0], span[1], heads, groups, t, f, dv,
-            ptr(q.data_ptr()) if q is not None else None, qs, ptr(k.data_ptr()), ks, ptr(v.data_ptr()), vs,
-            ptr(keep.data_ptr()) if keep is not None else None,
-            ptr(o.data_ptr()) if o is not None else None, os_, eps, ptr(state.data_ptr()),
-        )
-        if code:
-            raise MemoryError("the native kernel could not allocate its work buffers")
-
+def _spans(rows: int) -> list[tuple[int, int]]:
     threads = max(1, min(torch.get_num_threads(), rows))
     step = -(-rows // threads)
-    spans = [(g, min(g + step, rows)) for g in range(0, rows, step)]
-    if len(spans) > 1:
-        list(single_threaded_workers(threads).map(call, spans))
-    else:
-        call(spans[0])
+    return [(g, min(g + step, rows)) for g in range(0, rows, step)]
+
+
+def _parallel(call: Callable[[tuple[int, int]], int], rows: int) -> None:
+    """``call(span)`` over blocks of the ``B*H`` rows, on the worker pool when there are several threads."""
+    spans = _spans(rows)
+    codes = list(single_threaded_workers(len(spans)).map(call, spans)) if len(spans) > 1 else [call(spans[0])]
+    if any(codes):
+        raise MemoryError("the native kernel could not allocate its work buffers")
+
+
+def _ptr(x: torch.Tensor | None) -> ctypes.c_void_p | None:
+    return None if x is None else ctypes.c_void_p(x.data_ptr())
+
+
+def _forward(heads: int, groups: int, eps: float, q, k, v, keep, state, den=None):
+    """The kernel's forward pass: ``state [B*H, Dc, Dv+1]`` (internal space) is advanced in place; returns
+    ``o [B, T, H, Dv]`` (float32), or None when ``q`` is None (an encoder sum: the state update alone). ``den
+    [B*H, T]``, when given, receives the denominators."""
+    lib = library()
+    b, t, f, dv = k.shape[0], k.shape[1], k.shape[-1], v.shape[-1]
+    o = _empty_output(b, t, heads, dv) if q is not None else None
+    qs, ks, vs, os_ = (None if x is None else _strides(x) for x in (q, k, v, o))
+
+    def call(span: tuple[int, int]) -> int:
+        return lib.jrt_based_rows(span[0], span[1], heads, groups, t, f, dv, _ptr(q), qs, _ptr(k), ks, _ptr(v), vs,
+                                  _ptr(keep), _ptr(o), os_, eps, _ptr(state), _ptr(den))
+
+    _parallel(call, b * heads)
+    return o
+
+
+def _backward(heads: int, groups: int, eps: float, q, k, v, keep, o, den, do, start, dfinal):
+    """The kernel's backward pass: ``(dq, dk, dv, dstart)``; ``dk``, ``dv`` with ``Hkv`` heads (summed over each
+    group's query heads), ``dq`` None when ``q`` is None (an encoder sum)."""
+    lib = library()
+    b, t, f, dv = k.shape[0], k.shape[1], k.shape[-1], v.shape[-1]
+    dq = torch.empty(b, t, heads, f) if q is not None else None
+    dk, dvv = torch.empty(b, t, heads, f), torch.empty(b, t, heads, dv)
+    dstart = torch.empty(b * heads, *start.shape[1:])
+    qs, ks, vs, os_, dos, dqs, dks, dvs = (None if x is None else _strides(x) for x in (q, k, v, o, do, dq, dk, dvv))
+
+    def call(span: tuple[int, int]) -> int:
+        return lib.jrt_based_backward_rows(
+            span[0], span[1], heads, groups, t, f, dv, _ptr(q), qs, _ptr(k), ks, _ptr(v), vs, _ptr(keep), _ptr(o),
+            os_, _ptr(den), _ptr(do), dos, eps, _ptr(start), _ptr(dfinal), _ptr(dq), dqs, _ptr(dk), dks,
+            _ptr(dvv), dvs, _ptr(dstart))
+
+    _parallel(call, b * heads)
+    if groups > 1:
+        dk, dvv = (x.unflatten(2, (-1, groups)).sum(3) for x in (dk, dvv))
+    return dq, dk, dvv, dstart
+
+
+class _Causal(torch.autograd.Function):
+    """``(q, k, v, start) -> (o, final)``: the causal pass from the internal running state ``start``
+    ``[B*H, Dc, Dv+1]``, differentiable through the kernel's backward pass."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, start, keep, heads: int, groups: int, eps: float):
+        state = start.detach().clone()
+        den = q.new_empty(state.shape[0], q.shape[1]) if any(ctx.needs_input_grad[:4]) else None
+        o = _forward(heads, groups, eps, q.detach(), k.detach(), v.detach(), keep, state, den)
+        ctx.save_for_backward(q, k, v, start, o, den)
+        ctx.keep, ctx.heads, ctx.groups, ctx.eps = keep, heads, groups, eps
+        return o, state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dfinal):
+        q, k, v, start, o, den = ctx.saved_tensors
+        do = do.contiguous() if do is not None else torch.zeros_like(o)
+        dfinal = dfinal.contiguous() if dfinal is not None else None
+        dq, dk, dv, dstart = _backward(ctx.heads, ctx.groups, ctx.eps, q, k, v, ctx.keep, o, den, do, start, dfinal)
+        return dq, dk, dv, dstart, None, None, None, None
+
+
+class _Encoder(torch.autograd.Function):
+    """``(k_enc, v_enc) -> E [B*H, Dc, Dv+1]``: the internal running state of the prefix sum (rows outside the
+    prefix dropped by ``keep``), differentiable through the kernel's backward pass."""
+
+    @staticmethod
+    def forward(ctx, k_enc, v_enc, keep, heads: int, groups: int):
+        f, dv = k_enc.shape[-1], v_enc.shape[-1]
+        state = k_enc.new_zeros(k_enc.shape[0] * heads, feature_dim(f, compressed=True), dv + 1)
+        _forward(heads, groups, 0.0, None, k_enc.detach(), v_enc.detach(), keep, state)
+        ctx.save_for_backward(k_enc, v_enc)
+        ctx.keep, ctx.heads, ctx.groups = keep, heads, groups
+        return state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, de):
+        k_enc, v_enc = ctx.saved_tensors
+        _, dk, dv, _ = _backward(ctx.heads, ctx.groups, 0.0, None, k_enc, v_enc, ctx.keep, None, None, None,
+                                 torch.zeros_like(de), de.contiguous())
+        return dk, dv, None, None, None
 
 
 def form(q, k, v, keep, state0: State | None, encoder, eps: float, output_final_state: bool):
     """The native form on the public layout (see :mod:`.layout`): ``q [B, T, H, F]``, ``k, v [B, T, Hkv, *]``
     (grouped heads read their key/value head in place), ``keep [B, T]`` or None, ``state0`` with ``Hkv`` heads,
     ``encoder (k_enc, v_enc, prefix_lengths)`` -> ``(o [B, T, H, Dv] in v's dtype, state with Hkv heads or
-    None)``. With grouped heads every query head of a group runs its own copy of the group's state."""
-    lib = library()
-    if lib is None:
+    None)``. Differentiable with respect to every tensor input (the kernel's own backward pass). With grouped
+    heads every query head of a group runs its own copy of the group's state."""
+    if library() is None:
         raise ValueError(f"impl='native' is unavailable: {unavailable_reason()}")
     if not supports(q, k, v, *(state0 or ()), *(encoder[:2] if encoder is not None else ())):
-        raise ValueError("impl='native' runs float32/bfloat16/float16 CPU tensors without autograd; use impl='chunk'")
+        raise ValueError("impl='native' runs float32/bfloat16/float16 CPU tensors; use impl='chunk' for float64")
     b, t, h, f = q.shape
     groups, dv = h // k.shape[2], v.shape[-1]
-    dc = feature_dim(f, compressed=True)
-    with torch.no_grad():
-        if state0 is not None:
-            packed = torch.cat([state0[0].float(), state0[1].float().unsqueeze(-1)], dim=-1)
-            packed = packed.repeat_interleave(groups, dim=1) if groups > 1 else packed
-            state = to_internal(packed.reshape(b * h, -1, dv + 1), f).contiguous()
-        else:
-            state = q.new_zeros(b * h, dc, dv + 1, dtype=torch.float32)
-        keep_u8 = keep.to(torch.uint8).contiguous() if keep is not None else None
-        if encoder is not None:
-            k_enc, v_enc, lengths = encoder
-            in_prefix = prefix_positions(lengths, t, keep)
-            hit = in_prefix.any(dim=0).nonzero()
-            cut = int(hit[-1]) + 1 if hit.numel() else 0
-            if cut:  # the encoder sum, over the positions up to the last prefix token of any sequence
-                _run(lib, b * h, h, groups, None, _ready(k_enc[:, :cut]), _ready(v_enc[:, :cut]),
-                     in_prefix[:, :cut].to(torch.uint8).contiguous(), None, eps, state)
-        o = _empty_output(b, t, h, dv)
-        _run(lib, b * h, h, groups, _ready(q), _ready(k), _ready(v), keep_u8, o, eps, state)
-        final = None
-        if output_final_state:
-            full = to_full(state, f).reshape(b, h, -1, dv + 1)[:, ::groups]
-            final = (full[..., :-1], full[..., -1])
+    if state0 is not None:
+        packed = torch.cat([state0[0].float(), state0[1].float().unsqueeze(-1)], dim=-1)
+        packed = packed.repeat_interleave(groups, dim=1) if groups > 1 else packed
+        start = to_internal(packed.reshape(b * h, -1, dv + 1), f).contiguous()
+    else:
+        start = q.new_zeros(b * h, feature_dim(f, compressed=True), dv + 1, dtype=torch.float32)
+    keep_u8 = keep.to(torch.uint8).contiguous() if keep is not None else None
+    if encoder is not None:
+        k_enc, v_enc, lengths = encoder
+        in_prefix = prefix_positions(lengths, t, keep)
+        hit = in_prefix.any(dim=0).nonzero()
+        cut = int(hit[-1]) + 1 if hit.numel() else 0
+        if cut:  # the encoder sum, over the positions up to the last prefix token of any sequence
+            prefix_keep = in_prefix[:, :cut].to(torch.uint8).contiguous()
+            start = start + _Encoder.apply(_ready(k_enc[:, :cut]), _ready(v_enc[:, :cut]), prefix_keep, h, groups)
+    o, state = _Causal.apply(_ready(q), _ready(k), _ready(v), start, keep_u8, h, groups, eps)
+    final = None
+    if output_final_state:
+        full = to_full(state, f).reshape(b, h, -1, dv + 1)[:, ::groups]
+        final = (full[..., :-1], full[..., -1])
     return o.to(v.dtype), final
