@@ -1,6 +1,7 @@
-// The native CPU kernel of Based linear attention (inference): the chunked algorithm of chunk.py for one
-// (sequence, head) row at a time, with the running state kept in cache and every product computed here by a
-// register-blocked micro-kernel, so that nothing of size T * Dc is ever written to memory.
+// The native CPU kernels of Based linear attention, forward (jrt_based_rows) and backward
+// (jrt_based_backward_rows): the chunked algorithm of chunk.py for one (sequence, head) row at a time, with the
+// running state kept in cache and every product computed here by a register-blocked micro-kernel, so that
+// nothing of size T * Dc is ever written to memory.
 //
 // Per chunk of C = 64 tokens, for a row whose running state is U [Dc, Dv] and u [Dc] (the denominator), in the
 // compressed feature space and diagonal order of chunk.py (Dc = 1 + F + F(F+1)/2):
@@ -35,6 +36,8 @@ constexpr int VB = 4;  // 16-float vectors per block row: 6 x 4 accumulators in 
 constexpr int VB = 1;  // a 16-float vector is two AVX2 registers: 6 x 2 accumulators of the 16 (the classic 6x16)
 #endif
 
+constexpr int GROUP = 8;  // rows (sequence, head) of the backward pass that advance chunk by chunk side by side
+
 typedef float vf __attribute__((vector_size(64)));
 typedef float vfu __attribute__((vector_size(64), aligned(4)));  // unaligned access
 typedef int vi __attribute__((vector_size(64)));
@@ -45,27 +48,52 @@ inline vf splat(float x) {  // one broadcast (vf{} + x would add 0.0f first: not
   return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
 }
 
-// out[i] = hsum(x[i]) for i < 16: the 16 horizontal sums in 15 shuffle-and-add steps (a transposing tree).
+// The masks of the 2x2 block swaps of a 16 x 16 transpose at block size 8, 4, 2, 1: for rows x (with bit b of
+// its index clear) and y (bit set), LO[b] takes x's columns without bit b and y's first ones, HI[b] the rest.
+typedef int mask __attribute__((vector_size(64)));
+constexpr mask LO[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                        {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                        {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                        {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+constexpr mask HI[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+                        {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+                        {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+                        {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+
+// out[i] = the sum of the lanes of x[i], for i < 16: 15 shuffle-and-add steps (the block swaps, summed).
 inline vf hsum16(vf* x) {
-  typedef int m __attribute__((vector_size(64)));
-  const m a1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  const m a2 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-  const m b1 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
-  const m b2 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
-  const m c1 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-  const m c2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
-  const m d1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
-  const m d2 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
-  for (int i = 0; i < 8; ++i) x[i] = __builtin_shuffle(x[i], x[i + 8], a1) + __builtin_shuffle(x[i], x[i + 8], a2);
-  for (int i = 0; i < 4; ++i) x[i] = __builtin_shuffle(x[i], x[i + 4], b1) + __builtin_shuffle(x[i], x[i + 4], b2);
-  for (int i = 0; i < 2; ++i) x[i] = __builtin_shuffle(x[i], x[i + 2], c1) + __builtin_shuffle(x[i], x[i + 2], c2);
-  return __builtin_shuffle(x[0], x[1], d1) + __builtin_shuffle(x[0], x[1], d2);
+  for (int level = 0, half = 8; level < 4; ++level, half /= 2) {
+    for (int i = 0; i < half; ++i) {
+      x[i] = __builtin_shuffle(x[i], x[i + half], LO[level]) + __builtin_shuffle(x[i], x[i + half], HI[level]);
+    }
+  }
+  return x[0];
+}
+
+// dst [16, 16] = src [16, 16]^T (leading dimensions in floats): the 2x2 block swaps at every block size.
+inline void transpose16(const float* src, long lds, float* dst, long ldd) {
+  vf x[W];
+  for (int i = 0; i < W; ++i) x[i] = load(src + i * lds);
+  for (int level = 0, b = 8; level < 4; ++level, b /= 2) {
+    for (int i = 0; i < W; ++i) {
+      if (i & b) continue;
+      const vf lo = __builtin_shuffle(x[i], x[i + b], LO[level]);
+      x[i + b] = __builtin_shuffle(x[i], x[i + b], HI[level]);
+      x[i] = lo;
+    }
+  }
+  for (int i = 0; i < W; ++i) store(dst + i * ldd, x[i]);
+}
+
+// dst [cols, rows] = src [rows, cols]^T, both multiples of 16.
+inline void transpose(const float* src, long lds, float* dst, long ldd, int rows, int cols) {
+  for (int r = 0; r < rows; r += W)
+    for (int c = 0; c < cols; c += W) transpose16(src + r * lds + c, lds, dst + c * ldd + r, ldd);
 }
 
 // c[r, 0:NV*W] (+)= sum_{k<K} a[r*ars + k*aks] * b[k*ldb + 0:NV*W] for r < RR.
 template <int RR, int NV>
-inline void micro(const float* a, long ars, long aks, const float* b, long ldb, int K, float* c, long ldc,
-                  bool zero) {
+inline void micro(const float* a, long ars, long aks, const float* b, long ldb, int K, float* c, long ldc, bool zero) {
   vf acc[RR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < RR; ++r)
@@ -96,10 +124,17 @@ inline void micro_cols(const float* a, long ars, long aks, const float* b, long 
   int j = 0;
   for (; j + VB <= nvec; j += VB) micro<RR, VB>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero);
   switch (nvec - j) {
-    case 3: micro<RR, 3>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero); break;
-    case 2: micro<RR, 2>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero); break;
-    case 1: micro<RR, 1>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero); break;
-    default: break;
+    case 3:
+      micro<RR, 3>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero);
+      break;
+    case 2:
+      micro<RR, 2>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero);
+      break;
+    case 1:
+      micro<RR, 1>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero);
+      break;
+    default:
+      break;
   }
 }
 
@@ -107,13 +142,26 @@ inline void micro_cols(const float* a, long ars, long aks, const float* b, long 
 inline void block(int rr, const float* a, long ars, long aks, const float* b, long ldb, int K, float* c, long ldc,
                   int nvec, bool zero) {
   switch (rr) {
-    case 6: micro_cols<6>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero); break;
-    case 5: micro_cols<5>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero); break;
-    case 4: micro_cols<4>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero); break;
-    case 3: micro_cols<3>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero); break;
-    case 2: micro_cols<2>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero); break;
-    case 1: micro_cols<1>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero); break;
-    default: break;
+    case 6:
+      micro_cols<6>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero);
+      break;
+    case 5:
+      micro_cols<5>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero);
+      break;
+    case 4:
+      micro_cols<4>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero);
+      break;
+    case 3:
+      micro_cols<3>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero);
+      break;
+    case 2:
+      micro_cols<2>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero);
+      break;
+    case 1:
+      micro_cols<1>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero);
+      break;
+    default:
+      break;
   }
 }
 
@@ -215,7 +263,7 @@ inline void row_dots(int m, const float* feat, const float* x, float* u) {
 struct Work {
   int f, dv, dc, nvec, dvp, dcp;
   float *qt, *kt, *feat, *v, *ones, *p, *o, *den;  // one chunk's work
-  float *u, *uden;                                    // the running state of the current row: [Dc, Dvp], [Dcp]
+  float *u, *uden;                                 // the running state of the current row: [Dc, Dvp], [Dcp]
   void* base;
 
   bool init(int f_, int dv_) {
@@ -225,8 +273,8 @@ struct Work {
     nvec = (dv + W - 1) / W;
     dvp = nvec * W;
     dcp = (dc + W - 1) / W * W;
-    const size_t sizes[] = {size_t(f) * C, size_t(f) * C, size_t(dcp) * C, size_t(C) * dvp, C, size_t(C) * C,
-                            size_t(C) * dvp, C};
+    const size_t sizes[] = {
+        size_t(f) * C, size_t(f) * C, size_t(dcp) * C, size_t(C) * dvp, C, size_t(C) * C, size_t(C) * dvp, C};
     size_t total = 0;
     for (size_t s : sizes) total += (s + W - 1) / W * W;
     base = std::aligned_alloc(64, total * sizeof(float));
@@ -278,25 +326,25 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
   }
 
   for (int64_t t0 = 0; t0 < length; t0 += C) {
-   for (int64_t g = g0; g < g1; ++g) {
-    const int64_t b = g / heads, h = g % heads, hk = h / groups;
-    w.u = states + (g - g0) * per_row;
-    w.uden = w.u + int64_t(dc) * dvp;
-    const float* qrow = q ? q + b * qs[0] + h * qs[1] : nullptr;
-    const float* krow = k + b * ks[0] + hk * ks[1];
-    const float* vrow = v + b * vs[0] + hk * vs[1];
-    const uint8_t* keeprow = keep ? keep + b * length : nullptr;
-    Ahead ahead;  // the next row of this chunk, or the first row of the next chunk
-    {
-      const int64_t ng = g + 1 < g1 ? g + 1 : g0, nt = g + 1 < g1 ? t0 : t0 + C;
-      const int64_t nb = ng / heads, nh = ng % heads, nhk = nh / groups;
-      if (nt < length) {
-        ahead.add(q ? q + nb * qs[0] + nh * qs[1] : nullptr, nt, q ? qs[2] : 0, int(f));
-        ahead.add(k + nb * ks[0] + nhk * ks[1], nt, ks[2], int(f));
-        ahead.add(v + nb * vs[0] + nhk * vs[1], nt, vs[2], int(dv));
-        ahead.n = int(std::min<int64_t>(C, length - nt));
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b = g / heads, h = g % heads, hk = h / groups;
+      w.u = states + (g - g0) * per_row;
+      w.uden = w.u + int64_t(dc) * dvp;
+      const float* qrow = q ? q + b * qs[0] + h * qs[1] : nullptr;
+      const float* krow = k + b * ks[0] + hk * ks[1];
+      const float* vrow = v + b * vs[0] + hk * vs[1];
+      const uint8_t* keeprow = keep ? keep + b * length : nullptr;
+      Ahead ahead;  // the next row of this chunk, or the first row of the next chunk
+      {
+        const int64_t ng = g + 1 < g1 ? g + 1 : g0, nt = g + 1 < g1 ? t0 : t0 + C;
+        const int64_t nb = ng / heads, nh = ng % heads, nhk = nh / groups;
+        if (nt < length) {
+          ahead.add(q ? q + nb * qs[0] + nh * qs[1] : nullptr, nt, q ? qs[2] : 0, int(f));
+          ahead.add(k + nb * ks[0] + nhk * ks[1], nt, ks[2], int(f));
+          ahead.add(v + nb * vs[0] + nhk * vs[1], nt, vs[2], int(dv));
+          ahead.n = int(std::min<int64_t>(C, length - nt));
+        }
       }
-    }
       const int n = int(std::min<int64_t>(C, length - t0));
       // load the chunk: feature-major q and k / sqrt(F), [v] rows and the ones column (0 at padded positions)
       for (int t = 0; t < C; ++t) {
@@ -400,8 +448,8 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
 // The buffers of the backward pass of one row (all [., C] blocks feature- or value-major, [C, .] token-major).
 struct BackWork {
   int f, dv, dc, nvec, dvp, dcp, fp;
-  float *qt, *kt, *qr, *kr, *v, *vt, *ones, *g, *gt, *gden, *feat, *dfeat, *dx, *s, *p, *ds, *dqc, *dkc, *dvc,
-      *u, *uden;
+  float *qt, *kt, *qr, *kr, *v, *vt, *ones, *g, *gt, *gden, *feat, *dfeat, *dx, *s, *p, *ds, *dqc, *dkc, *dvc;
+  float* states;  // per row of a group: U (or G) [Dc, Dvp], then u (or Gden) [Dcp]
   void* base = nullptr;
 
   bool init(int f_, int dv_) {
@@ -412,12 +460,12 @@ struct BackWork {
     dvp = nvec * W;
     dcp = (dc + W - 1) / W * W;
     fp = (f + W - 1) / W * W;
-    const size_t fc = size_t(f) * C, cf = size_t(C) * fp, cv = size_t(C) * dvp, vc = size_t(dvp) * C,
+    const size_t fc = size_t(fp) * C, cf = size_t(C) * fp, cv = size_t(C) * dvp, vc = size_t(dvp) * C,
                  dcc = size_t(dcp) * C, cc = size_t(C) * C;
-    const size_t sizes[] = {fc, fc, cf, cf, cv, vc, C, cv, vc, C, dcc, dcc, fc, cc, cc, cc, cf, cf, cv,
-                            size_t(dc) * dvp, size_t(dcp)};
-    float** slots[] = {&qt, &kt, &qr, &kr, &v, &vt, &ones, &g, &gt, &gden, &feat, &dfeat, &dx, &s, &p, &ds,
-                       &dqc, &dkc, &dvc, &u, &uden};
+    const size_t sizes[] = {fc,  fc,  cf, cf, cv, vc, C,  cv, vc, C,
+                            dcc, dcc, fc, cc, cc, cc, cf, cf, cv, GROUP * (size_t(dc) * dvp + dcp)};
+    float** slots[] = {&qt,   &kt,    &qr, &kr, &v, &vt, &ones, &g,   &gt,  &gden,
+                       &feat, &dfeat, &dx, &s,  &p, &ds, &dqc,  &dkc, &dvc, &states};
     constexpr int count = sizeof(sizes) / sizeof(sizes[0]);
     size_t total = 0;
     for (size_t n : sizes) total += (n + W - 1) / W * W;
@@ -436,211 +484,240 @@ struct BackWork {
 
 // The backward pass of jrt_based_rows for rows g0 .. g1-1, by two sweeps over the chunks of each row:
 //   forwards, with the running state U rebuilt chunk by chunk: dq (through the read fq^T U and the intra-chunk
-//   scores) and the intra-chunk parts of dk and dv;
-//   backwards, with G = dL/dU after the chunk: the state parts of dk and dv (U += fk [v, 1] gives
-//   d fk = G [v, 1]^T and d[v, 1] = fk^T G), then G += fq [g, gden] (the chunk's read of U).
-// With dO the output's gradient, o the output and den the denominator: g = dO / (den + eps) and
-// gden = -(dO . o) / (den + eps) are the gradients of the numerator and the denominator.
+//   scores);
+//   backwards, with G = dL/dU after the chunk: dk and dv, through the state (U += fk [v, 1] gives
+//   d fk = G [v, 1]^T and d[v, 1] = fk^T G) and the intra-chunk term; then G += fq [g, gden] (the chunk's read
+//   of U).
+// With dO the output's gradient (dout), o the output and den [B*H, T] the denominator (from jrt_based_rows),
+// g = dO / (den + eps) and gden = -(dO . o) / (den + eps) are the gradients of the numerator and denominator.
 // q == nullptr: the state of an encoder sum (no output): dk, dv from G = dfinal alone.
 // start: [B*H, Dc, Dv+1] the running state before the first token (as jrt_based_rows read it); dfinal: the
-// gradient of the final state, same layout, or null; den: [B*H, T] from jrt_based_rows. dq [B, T, H, F], dk
-// [B, T, H, F] and dv [B, T, H, Dv] are written for every position (per query head: a group's key/value head
-// gradient is the sum over its query heads, taken by the caller); dstart [B*H, Dc, Dv+1] receives dL/d start.
+// gradient of the final state, same layout, or null. dq [B, T, H, F], dk [B, T, H, F] and dv [B, T, H, Dv] are
+// written for every position (per query head: a group's key/value head gradient is the sum over its query heads,
+// taken by the caller); dstart [B*H, Dc, Dv+1] receives dL/d start.
 int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_t length, int64_t f,
                             int64_t dv, const float* q, const int64_t* qs, const float* k, const int64_t* ks,
-                            const float* v, const int64_t* vs, const uint8_t* keep, const float* o,
-                            const int64_t* os, const float* den, const float* dout, const int64_t* douts, float eps,
-                            const float* start, const float* dfinal, float* dq, const int64_t* dqs, float* dk,
-                            const int64_t* dks, float* dvv, const int64_t* dvs, float* dstart) {
+                            const float* v, const int64_t* vs, const uint8_t* keep, const float* o, const int64_t* os,
+                            const float* den, const float* dout, const int64_t* douts, float eps, const float* start,
+                            const float* dfinal, float* dq, const int64_t* dqs, float* dk, const int64_t* dks,
+                            float* dvv, const int64_t* dvs, float* dstart) {
   BackWork w;
   if (!w.init(int(f), int(dv))) return 1;
   const int dc = w.dc, dvp = w.dvp, fp = w.fp, nvec = w.nvec, dv1 = int(dv) + 1, fv = fp / W;
+  const int64_t per_state = int64_t(dc) * dvp + w.dcp;
   const float kscale = 1.0f / __builtin_sqrtf(float(f));
   const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const int64_t chunks = (length + C - 1) / C;
 
-  for (int64_t g = g0; g < g1; ++g) {
+  // where row g reads and writes (each pointer at the row's first token)
+  struct Row {
+    const float *q, *k, *v, *o, *dout, *den;
+    const uint8_t* keep;
+    float *dq, *dk, *dv, *u, *uden;
+  };
+  auto row_of = [&](int64_t g, int64_t gs) {
     const int64_t b = g / heads, h = g % heads, hk = h / groups;
-    const float* qrow = q ? q + b * qs[0] + h * qs[1] : nullptr;
-    const float* krow = k + b * ks[0] + hk * ks[1];
-    const float* vrow = v + b * vs[0] + hk * vs[1];
-    const float* orow = q ? o + b * os[0] + h * os[1] : nullptr;
-    const float* dorow = q ? dout + b * douts[0] + h * douts[1] : nullptr;
-    const float* denrow = q ? den + g * length : nullptr;
-    const uint8_t* keeprow = keep ? keep + b * length : nullptr;
-    float* dqrow = q ? dq + b * dqs[0] + h * dqs[1] : nullptr;
-    float* dkrow = dk + b * dks[0] + h * dks[1];
-    float* dvrow = dvv + b * dvs[0] + h * dvs[1];
+    Row r;
+    r.q = q ? q + b * qs[0] + h * qs[1] : nullptr;
+    r.k = k + b * ks[0] + hk * ks[1];
+    r.v = v + b * vs[0] + hk * vs[1];
+    r.o = q ? o + b * os[0] + h * os[1] : nullptr;
+    r.dout = q ? dout + b * douts[0] + h * douts[1] : nullptr;
+    r.den = q ? den + g * length : nullptr;
+    r.keep = keep ? keep + b * length : nullptr;
+    r.dq = q ? dq + b * dqs[0] + h * dqs[1] : nullptr;
+    r.dk = dk + b * dks[0] + h * dks[1];
+    r.dv = dvv + b * dvs[0] + h * dvs[1];
+    r.u = w.states + (g - gs) * per_state;
+    r.uden = r.u + int64_t(dc) * dvp;
+    return r;
+  };
+  // one chunk's inputs: q, k / sqrt(F) (feature- and token-major), [v] (token- and value-major), the ones
+  // column, and the numerator's and denominator's gradients g, gden (zero past the end)
+  auto load_chunk = [&](const Row& row, int64_t t0, int n, bool with_gt) {
+    for (int t = 0; t < C; ++t) {
+      const bool real = t < n && (!row.keep || row.keep[t0 + t]);
+      const float* kt = row.k + (t0 + t) * ks[2];
+      float* kr = w.kr + t * fp;
+      for (int i = 0; i < f; ++i) kr[i] = real ? kt[i] * kscale : 0.0f;
+      if (real) {
+        std::memcpy(w.v + t * dvp, row.v + (t0 + t) * vs[2], sizeof(float) * dv);
+      } else {
+        std::memset(w.v + t * dvp, 0, sizeof(float) * dv);
+      }
+      w.ones[t] = real ? 1.0f : 0.0f;
+      if (!q) continue;
+      float* qr = w.qr + t * fp;
+      float* gr = w.g + t * dvp;
+      if (t >= n) {
+        std::memset(qr, 0, sizeof(float) * f);
+        std::memset(gr, 0, sizeof(float) * dv);
+        w.gden[t] = 0.0f;
+        continue;
+      }
+      std::memcpy(qr, row.q + (t0 + t) * qs[2], sizeof(float) * f);
+      const float* dot = row.dout + (t0 + t) * douts[2];
+      const float* ot = row.o + (t0 + t) * os[2];
+      const float inv = 1.0f / (row.den[t0 + t] + eps);
+      float dsum = 0.0f;
+      for (int j = 0; j < dv; ++j) {
+        gr[j] = dot[j] * inv;
+        dsum += dot[j] * ot[j];
+      }
+      w.gden[t] = -dsum * inv;
+    }
+    transpose(w.kr, fp, w.kt, C, C, fp);
+    transpose(w.v, dvp, w.vt, C, C, dvp);
+    if (!q) return;
+    transpose(w.qr, fp, w.qt, C, C, fp);
+    if (with_gt) transpose(w.g, dvp, w.gt, C, C, dvp);
+  };
+  // the intra-chunk term of the loaded chunk: s = q k^T, P = 1 + s + s^2/2 (lower triangle),
+  // dP = g v^T + gden 1^T, ds = dP (1 + s) (lower triangle)
+  auto intra = [&]() {
+    for (int r = 0; r < C; r += R) {
+      const int rr = std::min(R, C - r), nb = (r + rr - 1) / W + 1;
+      block(rr, w.qt + r, 1, C, w.kt, C, int(f), w.s + r * C, C, nb, true);
+      block(rr, w.g + r * dvp, dvp, 1, w.vt, C, int(dv), w.ds + r * C, C, nb, true);
+    }
+    for (int t = 0; t < C; ++t) {
+      const vf gd = splat(w.gden[t]);
+      for (int j = 0; j < C / W; ++j) {
+        if (j > t / W) {
+          store(w.p + t * C + j * W, vf{});
+          store(w.ds + t * C + j * W, vf{});
+          continue;
+        }
+        const vf sc = load(w.s + t * C + j * W);
+        const auto lower = (lane + j * W) <= t;
+        const vf dp = load(w.ds + t * C + j * W) + gd * load(w.ones + j * W);
+        store(w.p + t * C + j * W, lower ? splat(1.0f) + sc + splat(0.5f) * sc * sc : vf{});
+        store(w.ds + t * C + j * W, lower ? dp * (splat(1.0f) + sc) : vf{});
+      }
+    }
+  };
+  // prefetch the inputs of (row, chunk c), spread over the products of the current one
+  auto ahead_of = [&](const Row& row, int64_t c, Ahead& ahead) {
+    if (c < 0 || c >= chunks) return;
+    const int64_t t0 = c * C;
+    ahead.add(row.q, t0, q ? qs[2] : 0, int(f));
+    ahead.add(row.k, t0, ks[2], int(f));
+    ahead.add(row.v, t0, vs[2], int(dv));
+    ahead.add(row.o, t0, q ? os[2] : 0, int(dv));
+    ahead.add(row.dout, t0, q ? douts[2] : 0, int(dv));
+    ahead.n = int(std::min<int64_t>(C, length - t0));
+  };
 
-    // one chunk's inputs: q, k / sqrt(F) (feature- and token-major), [v] (token- and value-major), the ones
-    // column, and the numerator's and denominator's gradients g, gden (zero past the end)
-    auto load_chunk = [&](int64_t t0, int n) {
-      for (int t = 0; t < C; ++t) {
-        const bool real = t < n && (!keeprow || keeprow[t0 + t]);
-        const float* kt = krow + (t0 + t) * ks[2];
-        const float* vt = vrow + (t0 + t) * vs[2];
-        for (int i = 0; i < f; ++i) {
-          const float x = real ? kt[i] * kscale : 0.0f;
-          w.kt[i * C + t] = x;
-          w.kr[t * fp + i] = x;
-        }
-        for (int j = 0; j < dv; ++j) {
-          const float x = real ? vt[j] : 0.0f;
-          w.v[t * dvp + j] = x;
-          w.vt[j * C + t] = x;
-        }
-        w.ones[t] = real ? 1.0f : 0.0f;
-        if (!q) continue;
-        const float* qt = qrow + (t0 + t) * qs[2];
-        for (int i = 0; i < f; ++i) {
-          const float x = t < n ? qt[i] : 0.0f;
-          w.qt[i * C + t] = x;
-          w.qr[t * fp + i] = x;
-        }
-        if (t < n) {
-          const float* dot = dorow + (t0 + t) * douts[2];
-          const float* ot = orow + (t0 + t) * os[2];
-          const float inv = 1.0f / (denrow[t0 + t] + eps);
-          float dsum = 0.0f;
-          for (int j = 0; j < dv; ++j) {
-            const float x = dot[j] * inv;
-            w.g[t * dvp + j] = x;
-            w.gt[j * C + t] = x;
-            dsum += dot[j] * ot[j];
-          }
-          w.gden[t] = -dsum * inv;
-        } else {
-          for (int j = 0; j < dv; ++j) {
-            w.g[t * dvp + j] = 0.0f;
-            w.gt[j * C + t] = 0.0f;
-          }
-          w.gden[t] = 0.0f;
-        }
+  // Groups of rows advance chunk by chunk side by side (neighbouring heads: one run of memory per token).
+  for (int64_t gs = g0; gs < g1; gs += GROUP) {
+    const int nr = int(std::min<int64_t>(GROUP, g1 - gs));
+    Row rows[GROUP];
+    for (int r = 0; r < nr; ++r) rows[r] = row_of(gs + r, gs);
+    auto load_state = [&](const float* src, const Row& row, int64_t g) {
+      std::memset(row.u, 0, sizeof(float) * per_state);
+      if (!src) return;
+      const float* st = src + g * int64_t(dc) * dv1;
+      for (int i = 0; i < dc; ++i) {
+        std::memcpy(row.u + i * dvp, st + i * dv1, sizeof(float) * dv);
+        row.uden[i] = st[i * dv1 + dv];
       }
-    };
-
-    // the intra-chunk term of a loaded chunk: s = q k^T, P = 1 + s + s^2/2 (lower triangle),
-    // dP = g v^T + gden 1^T, ds = dP (1 + s) (lower triangle)
-    auto intra = [&]() {
-      for (int r = 0; r < C; r += R) {
-        const int rr = std::min(R, C - r), nb = (r + rr - 1) / W + 1;
-        block(rr, w.qt + r, 1, C, w.kt, C, int(f), w.s + r * C, C, nb, true);
-        block(rr, w.g + r * dvp, dvp, 1, w.vt, C, int(dv), w.ds + r * C, C, nb, true);
-      }
-      for (int t = 0; t < C; ++t) {
-        const vf gd = splat(w.gden[t]);
-        for (int j = 0; j < C / W; ++j) {
-          if (j > t / W) {
-            store(w.p + t * C + j * W, vf{});
-            store(w.ds + t * C + j * W, vf{});
-            continue;
-          }
-          const vf sc = load(w.s + t * C + j * W);
-          const auto lower = (lane + j * W) <= t;
-          const vf dp = load(w.ds + t * C + j * W) + gd * load(w.ones + j * W);
-          store(w.p + t * C + j * W, lower ? splat(1.0f) + sc + splat(0.5f) * sc * sc : vf{});
-          store(w.ds + t * C + j * W, lower ? dp * (splat(1.0f) + sc) : vf{});
-        }
-      }
-    };
-    // prefetch the inputs of chunk c, spread over the products of the current one
-    auto ahead_of = [&](int64_t c, Ahead& ahead) {
-      if (c < 0 || c >= chunks) return;
-      const int64_t t0 = c * C;
-      ahead.add(qrow, t0, q ? qs[2] : 0, int(f));
-      ahead.add(krow, t0, ks[2], int(f));
-      ahead.add(vrow, t0, vs[2], int(dv));
-      ahead.add(orow, t0, q ? os[2] : 0, int(dv));
-      ahead.add(dorow, t0, q ? douts[2] : 0, int(dv));
-      ahead.n = int(std::min<int64_t>(C, length - t0));
     };
 
     // sweep 1, forwards, with the running state U rebuilt chunk by chunk: dq
     if (q) {
-      const float* st = start + g * int64_t(dc) * dv1;
-      for (int i = 0; i < dc; ++i) {
-        std::memcpy(w.u + i * dvp, st + i * dv1, sizeof(float) * dv);
-        w.uden[i] = st[i * dv1 + dv];
-      }
+      for (int r = 0; r < nr; ++r) load_state(start, rows[r], gs + r);
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t t0 = c * C;
         const int n = int(std::min<int64_t>(C, length - t0));
-        Ahead ahead;
-        ahead_of(c + 1, ahead);
-        load_chunk(t0, n);
-        // through the read: dfq = U g^T + u gden^T, then dq from the features
-        features(w.qt, int(f), w.feat, false);
-        gemm(dc, w.u, dvp, 1, w.gt, C, int(dv), w.dfeat, C, C / W, true, &ahead);
-        rank1(dc, w.uden, w.gden, w.dfeat);
-        features_backward(w.dfeat, w.qt, int(f), w.dx, false);
-        // through the intra-chunk scores: dq += ds k
-        intra();
-        for (int r = 0; r < C; r += R) {
-          const int rr = std::min(R, C - r);
-          block(rr, w.ds + r * C, C, 1, w.kr, fp, r + rr, w.dqc + r * fp, fp, fv, true);
+        for (int r = 0; r < nr; ++r) {
+          const Row& row = rows[r];
+          Ahead ahead;
+          if (r + 1 < nr)
+            ahead_of(rows[r + 1], c, ahead);
+          else
+            ahead_of(rows[0], c + 1, ahead);
+          load_chunk(row, t0, n, true);
+          // through the read: dfq = U g^T + u gden^T, then dq from the features
+          features(w.qt, int(f), w.feat, false);
+          gemm(dc, row.u, dvp, 1, w.gt, C, int(dv), w.dfeat, C, C / W, true, &ahead);
+          rank1(dc, row.uden, w.gden, w.dfeat);
+          features_backward(w.dfeat, w.qt, int(f), w.dx, false);
+          // through the intra-chunk scores: dq += ds k
+          intra();
+          for (int i = 0; i < C; i += R) {
+            const int rr = std::min(R, C - i);
+            block(rr, w.ds + i * C, C, 1, w.kr, fp, i + rr, w.dqc + i * fp, fp, fv, true);
+          }
+          float* dxr = w.s;  // (free again) dx token-major, [C, Fp]
+          transpose(w.dx, C, dxr, fp, fp, C);
+          for (int t = 0; t < n; ++t) {
+            float* dqt = row.dq + (t0 + t) * dqs[2];
+            for (int i = 0; i < f; ++i) dqt[i] = dxr[t * fp + i] + w.dqc[t * fp + i];
+          }
+          // the running state for the next chunk: U += fk [v, 1]
+          features(w.kt, int(f), w.feat, true);
+          gemm(dc, w.feat, C, 1, w.v, dvp, n, row.u, dvp, nvec, false, &ahead);
+          row_dots(dc, w.feat, w.ones, row.uden);
         }
-        for (int t = 0; t < n; ++t) {
-          float* dqt = dqrow + (t0 + t) * dqs[2];
-          for (int i = 0; i < f; ++i) dqt[i] = w.dx[i * C + t] + w.dqc[t * fp + i];
-        }
-        // the running state for the next chunk: U += fk [v, 1]
-        features(w.kt, int(f), w.feat, true);
-        gemm(dc, w.feat, C, 1, w.v, dvp, n, w.u, dvp, nvec, false, &ahead);
-        row_dots(dc, w.feat, w.ones, w.uden);
       }
     }
 
-    // sweep 2, backwards, with G = dL/dU after the chunk: dk and dv
-    {
-      float* gs = w.u;  // reused: G [Dc, Dvp] and Gden [Dcp]
-      float* gsden = w.uden;
-      std::memset(gs, 0, sizeof(float) * dc * dvp);
-      std::memset(gsden, 0, sizeof(float) * w.dcp);
-      if (dfinal) {
-        const float* st = dfinal + g * int64_t(dc) * dv1;
-        for (int i = 0; i < dc; ++i) {
-          std::memcpy(gs + i * dvp, st + i * dv1, sizeof(float) * dv);
-          gsden[i] = st[i * dv1 + dv];
-        }
-      }
-      for (int64_t c = chunks - 1; c >= 0; --c) {
-        const int64_t t0 = c * C;
-        const int n = int(std::min<int64_t>(C, length - t0));
+    // sweep 2, backwards, with G = dL/dU after the chunk (in the rows' state buffers): dk and dv
+    for (int r = 0; r < nr; ++r) load_state(dfinal, rows[r], gs + r);
+    for (int64_t c = chunks - 1; c >= 0; --c) {
+      const int64_t t0 = c * C;
+      const int n = int(std::min<int64_t>(C, length - t0));
+      for (int r = 0; r < nr; ++r) {
+        const Row& row = rows[r];
+        float* gst = row.u;
+        float* gden = row.uden;
         Ahead ahead;
-        ahead_of(c - 1, ahead);
-        load_chunk(t0, n);
+        if (r + 1 < nr)
+          ahead_of(rows[r + 1], c, ahead);
+        else
+          ahead_of(rows[0], c - 1, ahead);
+        load_chunk(row, t0, n, false);
         // through the state: d fk = G [v, 1]^T (dk from the features of the scaled keys), d[v] = fk^T G
         features(w.kt, int(f), w.feat, true);
-        gemm(dc, gs, dvp, 1, w.vt, C, int(dv), w.dfeat, C, C / W, true, &ahead);
-        rank1(dc, gsden, w.ones, w.dfeat);
+        gemm(dc, gst, dvp, 1, w.vt, C, int(dv), w.dfeat, C, C / W, true, &ahead);
+        rank1(dc, gden, w.ones, w.dfeat);
         features_backward(w.dfeat, w.kt, int(f), w.dx, true);
-        gemm(C, w.feat, 1, C, gs, dvp, dc, w.dvc, dvp, nvec, true, &ahead);
+        gemm(C, w.feat, 1, C, gst, dvp, dc, w.dvc, dvp, nvec, true, &ahead);
         if (q) {
           // through the intra-chunk term: rows s of dk += ds^T q and dv += P^T g (the terms t >= s)
           intra();
-          for (int r = 0; r < C; r += R) {
-            const int rr = std::min(R, C - r);
-            block(rr, w.ds + r * C + r, 1, C, w.qr + r * fp, fp, C - r, w.dkc + r * fp, fp, fv, true);
-            block(rr, w.p + r * C + r, 1, C, w.g + r * dvp, dvp, C - r, w.dvc + r * dvp, dvp, nvec, false);
+          for (int i = 0; i < C; i += R) {
+            const int rr = std::min(R, C - i);
+            block(rr, w.ds + i * C + i, 1, C, w.qr + i * fp, fp, C - i, w.dkc + i * fp, fp, fv, true);
+            block(rr, w.p + i * C + i, 1, C, w.g + i * dvp, dvp, C - i, w.dvc + i * dvp, dvp, nvec, false);
           }
         }
+        float* dxr = w.s;  // (free again) dx token-major, [C, Fp]
+        transpose(w.dx, C, dxr, fp, fp, C);
+        if (!q) std::memset(w.dkc, 0, sizeof(float) * C * fp);
         for (int t = 0; t < n; ++t) {
-          const bool real = !keeprow || keeprow[t0 + t];
-          float* dkt = dkrow + (t0 + t) * dks[2];
-          float* dvt = dvrow + (t0 + t) * dvs[2];
-          for (int i = 0; i < f; ++i) dkt[i] = real ? (w.dx[i * C + t] + (q ? w.dkc[t * fp + i] : 0.0f)) * kscale : 0.0f;
-          for (int j = 0; j < dv; ++j) dvt[j] = real ? w.dvc[t * dvp + j] : 0.0f;
+          float* dkt = row.dk + (t0 + t) * dks[2];
+          float* dvt = row.dv + (t0 + t) * dvs[2];
+          if (row.keep && !row.keep[t0 + t]) {
+            std::memset(dkt, 0, sizeof(float) * f);
+            std::memset(dvt, 0, sizeof(float) * dv);
+            continue;
+          }
+          for (int i = 0; i < f; ++i) dkt[i] = (dxr[t * fp + i] + w.dkc[t * fp + i]) * kscale;
+          std::memcpy(dvt, w.dvc + t * dvp, sizeof(float) * dv);
         }
         if (!q) continue;
         // the chunk's read of U: G += fq [g, gden]
         features(w.qt, int(f), w.feat, false);
-        gemm(dc, w.feat, C, 1, w.g, dvp, n, gs, dvp, nvec, false, &ahead);
-        row_dots(dc, w.feat, w.gden, gsden);
+        gemm(dc, w.feat, C, 1, w.g, dvp, n, gst, dvp, nvec, false, &ahead);
+        row_dots(dc, w.feat, w.gden, gden);
       }
-      float* st = dstart + g * int64_t(dc) * dv1;
+    }
+    for (int r = 0; r < nr; ++r) {
+      float* st = dstart + (gs + r) * int64_t(dc) * dv1;
       for (int i = 0; i < dc; ++i) {
-        std::memcpy(st + i * dv1, gs + i * dvp, sizeof(float) * dv);
-        st[i * dv1 + dv] = gsden[i];
+        std::memcpy(st + i * dv1, rows[r].u + i * dvp, sizeof(float) * dv);
+        st[i * dv1 + dv] = rows[r].uden[i];
       }
     }
   }

@@ -214,7 +214,7 @@ def _forward(heads: int, groups: int, eps: float, q, k, v, keep, state, den=None
 
 def _backward(heads: int, groups: int, eps: float, q, k, v, keep, o, den, do, start, dfinal):
     """The kernel's backward pass: ``(dq, dk, dv, dstart)``; ``dk``, ``dv`` with ``Hkv`` heads (summed over each
-    group's query heads), ``dq`` None when ``q`` is None (an encoder sum)."""
+    group's query heads), ``dq`` None when ``q`` is None (an encoder sum; ``o``, ``den``, ``do`` None too)."""
     lib = library()
     b, t, f, dv = k.shape[0], k.shape[1], k.shape[-1], v.shape[-1]
     dq = torch.empty(b, t, heads, f) if q is not None else None
@@ -251,7 +251,7 @@ class _Causal(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do, dfinal):
         q, k, v, start, o, den = ctx.saved_tensors
-        do = do.contiguous() if do is not None else torch.zeros_like(o)
+        do = _ready(do) if do is not None else torch.zeros_like(o)
         dfinal = dfinal.contiguous() if dfinal is not None else None
         dq, dk, dv, dstart = _backward(ctx.heads, ctx.groups, ctx.eps, q, k, v, ctx.keep, o, den, do, start, dfinal)
         return dq, dk, dv, dstart, None, None, None, None
