@@ -122,19 +122,55 @@ def test_threads_give_identical_results():
     assert torch.equal(one, two)
 
 
-def test_auto_takes_native_for_inference_and_chunk_for_autograd_and_float64():
+def test_auto_takes_native_on_cpu_and_chunk_for_float64():
     cpu = torch.device("cpu")
     assert resolve_impl("auto", cpu, 1000) == "native" and resolve_impl("auto", cpu, 1) == "recurrent"
-    q, k, v = (x.float().requires_grad_() for x in qkv(1, 80, 2, 4, 8, seed=1))
-    o, _ = linear_attention(q, k, v)  # autograd: the chunked form, differentiable
-    o.sum().backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
-    with pytest.raises(ValueError, match="without autograd"):
-        linear_attention(q, k, v, impl="native")
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="float64"):
         linear_attention(*qkv(1, 8, 1, 4, 4, seed=0), impl="native")
     o64, _ = linear_attention(*qkv(1, 8, 1, 4, 4, seed=0))  # float64: the chunked form, exact
     assert o64.dtype == torch.float64
+
+
+def _grads(impl: str, dtype: torch.dtype, tensors, lengths, mask, state):
+    """Gradients of a random linear function of the output and the final state, with respect to every input."""
+    xs = [x.detach().to(dtype).requires_grad_() for x in (*tensors, *state)]
+    o, (s, z) = prefix_linear_attention(*xs[:5], lengths, attention_mask=mask, initial_state=(xs[5], xs[6]),
+                                        impl=impl, output_final_state=True)
+    weights = [randn(*x.shape, seed=90 + i).to(dtype) for i, x in enumerate((o, s, z))]
+    loss = sum((x * w).sum() for x, w in zip((o, s, z), weights))
+    loss.backward()
+    return [o] + [x.grad for x in xs]
+
+
+@pytest.mark.parametrize(("t", "f", "dv", "h", "hkv"), [(100, 16, 64, 2, 2), (150, 4, 5, 2, 1), (7, 8, 16, 4, 2),
+                                                        (64, 16, 48, 1, 1), (200, 1, 3, 3, 3)])
+def test_gradients_match_the_chunked_form(t, f, dv, h, hkv):
+    """The kernel's backward pass against autograd through the float64 chunked form: q, k, v, the encoder's
+    k and v, and the initial state (prefix, padding and grouped heads included)."""
+    b = 2
+    tensors = qkv(b, t, h, f, dv, seed=t + f, hkv=hkv, enc=True)
+    d = 1 + f + f * f
+    state = (randn(b, hkv, d, dv, seed=7), randn(b, hkv, d, seed=8).abs() + 1.0)
+    lengths = torch.tensor([t // 2, t // 3])
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, : min(3, t - 1)] = 0
+    ref = _grads("chunk", torch.float64, tensors, lengths, mask, state)
+    got = _grads("native", torch.float32, tensors, lengths, mask, state)
+    names = ["o", "q", "k", "v", "k_enc", "v_enc", "S0", "z0"]
+    for name, x, y in zip(names, got, ref):
+        assert rel_err(x, y) < 1e-5, name
+
+
+def test_gradients_of_linear_attention_match_the_reference():
+    q, k, v = qkv(1, 130, 2, 16, 32, seed=12)
+    grads = {}
+    for impl, dtype in (("reference", torch.float64), ("native", torch.float32)):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        o, _ = linear_attention(*xs, impl=impl)
+        (o * randn(*o.shape, seed=3).to(dtype)).sum().backward()
+        grads[impl] = [x.grad for x in xs]
+    for x, y in zip(grads["native"], grads["reference"]):
+        assert rel_err(x, y) < 1e-5
 
 
 def test_switched_off_or_without_a_compiler_auto_keeps_the_chunked_form(monkeypatch, tmp_path):

@@ -3,9 +3,11 @@
 The kernel runs the chunked algorithm of :mod:`.chunk` one (sequence, head) row at a time with the running
 state in cache, and computes every product itself with a register-blocked micro-kernel: nothing of size
 ``T * Dc`` (features, chunk states, their prefix sums) is written to memory, which is where the PyTorch
-chunked form spends most of its time on a CPU (``docs/benchmarks.md``). It is an inference form: float32
-(bfloat16/float16 inputs are computed in float32), no autograd; ``impl="auto"`` takes it on CPU tensors when
-it is available and nothing needs a gradient, and the chunked form otherwise.
+chunked form spends most of its time on a CPU (``docs/benchmarks.md``). It computes in float32 (bfloat16 and
+float16 inputs are converted; float64 stays with the chunked form) and is differentiable: its backward pass is
+a second kernel (two sweeps per row: forwards for ``dq`` with the state rebuilt, backwards for ``dk``, ``dv``
+with the state's gradient). ``impl="auto"`` takes it for CPU tensors when it is available, the chunked form
+otherwise.
 
 Building: the system C++ compiler (``$CXX``, else ``c++``), ``-O3 -march=native``, into
 ``$JRT_KERNEL_CACHE`` (default ``~/.cache/jrt/kernels``), one library per source, compiler and CPU; a compile
