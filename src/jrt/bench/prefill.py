@@ -7,7 +7,9 @@ At each length T (as in the paper's operator benchmark: F = 16, head dim = Dv = 
 - ``jrt_rnn``: :func:`jrt.ops.prefix_linear_attention` over T tokens of which the first T/2 are the prefix.
 
 ``--backward`` times forward + backward (a gradient of ones on the output) of every method instead of the
-forward alone: SDPA's backward against the chunked form's.
+forward alone: SDPA's backward against the linear-time forms'. A method written ``METHOD@IMPL`` (e.g.
+``jrt_prompt@chunk``) runs with its own ``jrt.ops`` implementation, so that two implementations are compared side
+by side in one run.
 
 The methods, FLOP models and timers are those of :mod:`jrt.bench.prefill_methods` (its ``ops`` backend);
 ``--device cuda`` with ``--impl auto`` or ``triton`` runs its ``kernels`` backend instead

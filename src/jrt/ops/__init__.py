@@ -9,7 +9,8 @@ Layout (each module imports only from those above it in this list):
 * :mod:`jrt.ops.feature_map` - the Taylor feature map, full and compressed, and the state conversions;
 * :mod:`jrt.ops.triton` - the GPU kernels of the linear-attention family (optional: needs Triton);
 * :mod:`jrt.ops.based` - Based linear attention and prefix linear attention: ``naive`` (the reference),
-  ``chunk``, ``chunk_inference``, ``recurrent`` and ``api`` (checks and the one dispatch table);
+  ``chunk``, ``chunk_inference``, ``native`` (C++ CPU kernels), ``recurrent`` and ``api`` (checks and the one
+  dispatch table);
 * :mod:`jrt.ops.sliding_window` - sliding-window softmax attention with rotary embedding and its decode step.
 """
 

@@ -7,6 +7,8 @@ flash-linear-attention (``fla/ops/based``).
 * :mod:`.chunk_inference` - the same chunked form for inference: in-place products and features, the division
   fused into the pass and, on a multi-core CPU, independent head blocks on a pool of single-threaded workers
   (no global setting is touched);
+* :mod:`.native` - the C++ CPU kernels (``native.cpp``), forward and backward: the chunked algorithm with the
+  state in cache and its own register-blocked products, compiled on first use;
 * :mod:`.recurrent` - the token loop, the decoding form;
 * :mod:`.layout` - the public layout around the internal one, shared by the PyTorch forms and the Triton
   kernels' backward pass;
