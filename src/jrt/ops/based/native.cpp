@@ -118,54 +118,28 @@ inline void micro(const float* a, long ars, long aks, const float* b, long ldb, 
     for (int j = 0; j < NV; ++j) store(c + r * ldc + j * W, acc[r][j]);
 }
 
+using Micro = void (*)(const float*, long, long, const float*, long, int, float*, long, bool);
+
+// Rows 0 .. RR-1 of c (+)= a b over nvec vectors of columns: blocks of VB vectors, then the rest.
 template <int RR>
-inline void micro_cols(const float* a, long ars, long aks, const float* b, long ldb, int K, float* c, long ldc,
-                       int nvec, bool zero) {
+void micro_cols(const float* a, long ars, long aks, const float* b, long ldb, int K, float* c, long ldc, int nvec,
+                bool zero) {
+  static constexpr Micro REST[4] = {nullptr, micro<RR, 1>, micro<RR, 2>, micro<RR, 3>};
   int j = 0;
   for (; j + VB <= nvec; j += VB) micro<RR, VB>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero);
-  switch (nvec - j) {
-    case 3:
-      micro<RR, 3>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero);
-      break;
-    case 2:
-      micro<RR, 2>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero);
-      break;
-    case 1:
-      micro<RR, 1>(a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero);
-      break;
-    default:
-      break;
-  }
+  if (j < nvec) REST[nvec - j](a, ars, aks, b + j * W, ldb, K, c + j * W, ldc, zero);
 }
 
-// Rows r0 .. r0+rr-1 (rr <= R) of c (+)= a b with K(r0) terms.
+using Cols = void (*)(const float*, long, long, const float*, long, int, float*, long, int, bool);
+constexpr Cols BLOCKS[R + 1] = {nullptr,       micro_cols<1>, micro_cols<2>, micro_cols<3>,
+                                micro_cols<4>, micro_cols<5>, micro_cols<6>};
+
+// Rows 0 .. rr-1 (rr <= R) of c (+)= a b with K terms.
 inline void block(int rr, const float* a, long ars, long aks, const float* b, long ldb, int K, float* c, long ldc,
                   int nvec, bool zero) {
-  switch (rr) {
-    case 6:
-      micro_cols<6>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero);
-      break;
-    case 5:
-      micro_cols<5>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero);
-      break;
-    case 4:
-      micro_cols<4>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero);
-      break;
-    case 3:
-      micro_cols<3>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero);
-      break;
-    case 2:
-      micro_cols<2>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero);
-      break;
-    case 1:
-      micro_cols<1>(a, ars, aks, b, ldb, K, c, ldc, nvec, zero);
-      break;
-    default:
-      break;
-  }
+  BLOCKS[rr](a, ars, aks, b, ldb, K, c, ldc, nvec, zero);
 }
 
-// c [m, nvec*W] (+)= a [m, K] b [K, nvec*W], the element (r, k) of a at a[r*ars + k*aks].
 // Software prefetch of the inputs of the next (row, chunk), spread over the products of the current one: a
 // stride of whole pages between tokens defeats the hardware prefetchers, and a burst of hundreds of prefetches
 // would stall on the line-fill buffers.
@@ -192,6 +166,8 @@ struct Ahead {
   }
 };
 
+// c [m, nvec*W] (+)= a [m, K] b [K, nvec*W], the element (r, k) of a at a[r*ars + k*aks]; ahead (optional) issues
+// two tokens of prefetches per block of rows.
 inline void gemm(int m, const float* a, long ars, long aks, const float* b, long ldb, int K, float* c, long ldc,
                  int nvec, bool zero, Ahead* ahead = nullptr) {
   for (int r = 0; r < m; r += R) {
@@ -260,35 +236,51 @@ inline void row_dots(int m, const float* feat, const float* x, float* u) {
   }
 }
 
-struct Work {
-  int f, dv, dc, nvec, dvp, dcp;
-  float *qt, *kt, *feat, *v, *ones, *p, *o, *den;  // one chunk's work
-  float *u, *uden;                                 // the running state of the current row: [Dc, Dvp], [Dcp]
-  void* base;
+// The dimensions of one row's problem, padded to whole vectors where a buffer needs it.
+struct Dims {
+  int f, dv, dc, nvec, dvp, dcp, fp;
+  Dims(int f_, int dv_)
+      : f(f_),
+        dv(dv_),
+        dc(1 + f_ + f_ * (f_ + 1) / 2),
+        nvec((dv_ + W - 1) / W),
+        dvp(nvec * W),
+        dcp((dc + W - 1) / W * W),
+        fp((f_ + W - 1) / W * W) {}
+};
 
-  bool init(int f_, int dv_) {
-    f = f_;
-    dv = dv_;
-    dc = 1 + f + f * (f + 1) / 2;
-    nvec = (dv + W - 1) / W;
-    dvp = nvec * W;
-    dcp = (dc + W - 1) / W * W;
-    const size_t sizes[] = {
-        size_t(f) * C, size_t(f) * C, size_t(dcp) * C, size_t(C) * dvp, C, size_t(C) * C, size_t(C) * dvp, C};
+// One zeroed, 64-byte aligned allocation cut into buffers: *slots[i] gets sizes[i] floats (rounded up to whole
+// vectors). Owns the memory.
+struct Buffers {
+  void* base = nullptr;
+  bool carve(const size_t* sizes, float** const* slots, int count) {
     size_t total = 0;
-    for (size_t s : sizes) total += (s + W - 1) / W * W;
+    for (int i = 0; i < count; ++i) total += (sizes[i] + W - 1) / W * W;
     base = std::aligned_alloc(64, total * sizeof(float));
     if (!base) return false;
     std::memset(base, 0, total * sizeof(float));
     float* ptr = static_cast<float*>(base);
-    float** slots[] = {&qt, &kt, &feat, &v, &ones, &p, &o, &den};
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < count; ++i) {
       *slots[i] = ptr;
       ptr += (sizes[i] + W - 1) / W * W;
     }
     return true;
   }
-  ~Work() { std::free(base); }
+  ~Buffers() { std::free(base); }
+};
+
+// The work buffers of the forward pass.
+struct Work : Dims, Buffers {
+  float *qt, *kt, *feat, *v, *ones, *p, *o, *den;  // one chunk's work
+  float *u, *uden;                                 // the running state of the current row: [Dc, Dvp], [Dcp]
+
+  Work(int f_, int dv_) : Dims(f_, dv_) {}
+  bool init() {
+    const size_t sizes[] = {
+        size_t(f) * C, size_t(f) * C, size_t(dcp) * C, size_t(C) * dvp, C, size_t(C) * C, size_t(C) * dvp, C};
+    float** const slots[] = {&qt, &kt, &feat, &v, &ones, &p, &o, &den};
+    return carve(sizes, slots, 8);
+  }
 };
 
 }  // namespace
@@ -305,8 +297,8 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
                    const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
                    const int64_t* vs, const uint8_t* keep, float* o, const int64_t* os, float eps, float* state,
                    float* den_out) {
-  Work w;
-  if (!w.init(int(f), int(dv))) return 1;
+  Work w{int(f), int(dv)};
+  if (!w.init()) return 1;
   const int dc = w.dc, dvp = w.dvp, dcp = w.dcp, nvec = w.nvec, dv1 = int(dv) + 1;
   const float kscale = 1.0f / __builtin_sqrtf(float(f));
   const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
@@ -446,40 +438,20 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
 }
 
 // The buffers of the backward pass of one row (all [., C] blocks feature- or value-major, [C, .] token-major).
-struct BackWork {
-  int f, dv, dc, nvec, dvp, dcp, fp;
+struct BackWork : Dims, Buffers {
   float *qt, *kt, *qr, *kr, *v, *vt, *ones, *g, *gt, *gden, *feat, *dfeat, *dx, *s, *p, *ds, *dqc, *dkc, *dvc;
   float* states;  // per row of a group: U (or G) [Dc, Dvp], then u (or Gden) [Dcp]
-  void* base = nullptr;
 
-  bool init(int f_, int dv_) {
-    f = f_;
-    dv = dv_;
-    dc = 1 + f + f * (f + 1) / 2;
-    nvec = (dv + W - 1) / W;
-    dvp = nvec * W;
-    dcp = (dc + W - 1) / W * W;
-    fp = (f + W - 1) / W * W;
+  BackWork(int f_, int dv_) : Dims(f_, dv_) {}
+  bool init() {
     const size_t fc = size_t(fp) * C, cf = size_t(C) * fp, cv = size_t(C) * dvp, vc = size_t(dvp) * C,
                  dcc = size_t(dcp) * C, cc = size_t(C) * C;
     const size_t sizes[] = {fc,  fc,  cf, cf, cv, vc, C,  cv, vc, C,
                             dcc, dcc, fc, cc, cc, cc, cf, cf, cv, GROUP * (size_t(dc) * dvp + dcp)};
-    float** slots[] = {&qt,   &kt,    &qr, &kr, &v, &vt, &ones, &g,   &gt,  &gden,
-                       &feat, &dfeat, &dx, &s,  &p, &ds, &dqc,  &dkc, &dvc, &states};
-    constexpr int count = sizeof(sizes) / sizeof(sizes[0]);
-    size_t total = 0;
-    for (size_t n : sizes) total += (n + W - 1) / W * W;
-    base = std::aligned_alloc(64, total * sizeof(float));
-    if (!base) return false;
-    std::memset(base, 0, total * sizeof(float));
-    float* ptr = static_cast<float*>(base);
-    for (int i = 0; i < count; ++i) {
-      *slots[i] = ptr;
-      ptr += (sizes[i] + W - 1) / W * W;
-    }
-    return true;
+    float** const slots[] = {&qt,   &kt,    &qr, &kr, &v, &vt, &ones, &g,   &gt,  &gden,
+                             &feat, &dfeat, &dx, &s,  &p, &ds, &dqc,  &dkc, &dvc, &states};
+    return carve(sizes, slots, sizeof(sizes) / sizeof(sizes[0]));
   }
-  ~BackWork() { std::free(base); }
 };
 
 // The backward pass of jrt_based_rows for rows g0 .. g1-1, by two sweeps over the chunks of each row:
@@ -501,8 +473,8 @@ int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t group
                             const float* den, const float* dout, const int64_t* douts, float eps, const float* start,
                             const float* dfinal, float* dq, const int64_t* dqs, float* dk, const int64_t* dks,
                             float* dvv, const int64_t* dvs, float* dstart) {
-  BackWork w;
-  if (!w.init(int(f), int(dv))) return 1;
+  BackWork w{int(f), int(dv)};
+  if (!w.init()) return 1;
   const int dc = w.dc, dvp = w.dvp, fp = w.fp, nvec = w.nvec, dv1 = int(dv) + 1, fv = fp / W;
   const int64_t per_state = int64_t(dc) * dvp + w.dcp;
   const float kscale = 1.0f / __builtin_sqrtf(float(f));
