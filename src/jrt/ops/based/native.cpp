@@ -531,8 +531,17 @@ int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t group
       const float* dot = row.dout + (t0 + t) * douts[2];
       const float* ot = row.o + (t0 + t) * os[2];
       const float inv = 1.0f / (row.den[t0 + t] + eps);
+      // (in vectors: a scalar sum would be one chain of dependent adds, which the compiler may not reorder)
+      vf acc = {};
+      int j = 0;
+      for (; j + W <= dv; j += W) {
+        const vf d = load(dot + j);
+        store(gr + j, d * splat(inv));
+        acc += d * load(ot + j);
+      }
       float dsum = 0.0f;
-      for (int j = 0; j < dv; ++j) {
+      for (int i = 0; i < W; ++i) dsum += acc[i];
+      for (; j < dv; ++j) {
         gr[j] = dot[j] * inv;
         dsum += dot[j] * ot[j];
       }

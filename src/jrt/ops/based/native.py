@@ -155,9 +155,10 @@ def _madvise():
 
 
 def _empty_output(*shape: int) -> torch.Tensor:
-    """A new float32 tensor whose (untouched) memory Linux may back with transparent huge pages: writing a fresh
-    output otherwise takes one page fault per 4 KiB, a third of the op's time at 32k tokens (measured with perf
-    on a 2-core VM). Only the 2 MiB-aligned interior is advised; nothing changes where THP is off."""
+    """A new float32 tensor (an output or a gradient) whose untouched memory Linux may back with transparent huge
+    pages: writing a fresh output otherwise takes one page fault per 4 KiB, a third of the op's time at 32k tokens
+    (measured with perf on a 2-core VM). Only the 2 MiB-aligned interior is advised; nothing changes where THP is
+    off."""
     out = torch.empty(*shape, dtype=torch.float32)
     advise = _madvise()
     if advise is not None and out.numel() * 4 >= 2 * _HUGE:
@@ -219,8 +220,8 @@ def _backward(heads: int, groups: int, eps: float, q, k, v, keep, o, den, do, st
     group's query heads), ``dq`` None when ``q`` is None (an encoder sum; ``o``, ``den``, ``do`` None too)."""
     lib = library()
     b, t, f, dv = k.shape[0], k.shape[1], k.shape[-1], v.shape[-1]
-    dq = torch.empty(b, t, heads, f) if q is not None else None
-    dk, dvv = torch.empty(b, t, heads, f), torch.empty(b, t, heads, dv)
+    dq = _empty_output(b, t, heads, f) if q is not None else None
+    dk, dvv = _empty_output(b, t, heads, f), _empty_output(b, t, heads, dv)
     dstart = torch.empty(b * heads, *start.shape[1:])
     qs, ks, vs, os_, dos, dqs, dks, dvs = (None if x is None else _strides(x) for x in (q, k, v, o, do, dq, dk, dvv))
 
