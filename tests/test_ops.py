@@ -350,6 +350,7 @@ def _bad_calls():
         ("agree on batch", lambda: linear_attention(q, k, v[:1])),
         ("floating-point", lambda: linear_attention(q.long(), k, v)),
         ("4 dimensions", lambda: linear_attention(q[0], k[0], v[0])),
+        ("B >= 1", lambda: linear_attention(q[:0], k[:0], v[:0])),
         ("initial_state must be", lambda: linear_attention(q, k, v, initial_state=(good_state[0][:, :, :5],
                                                                                   good_state[1]))),
         ("initial_state must be a pair", lambda: linear_attention(q, k, v, initial_state=good_state[0])),

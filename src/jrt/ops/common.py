@@ -50,6 +50,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool =
              "q, k and v must agree on batch, length and heads [B, T, H, *]")
             + f", got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    if q.shape[0] < 1:
+        raise ValueError("the batch must hold at least one sequence (B >= 1)")
     if q.shape[1] < 1:
         raise ValueError("sequences must hold at least one position (T >= 1)")
     if q.shape[-1] < 1 or v.shape[-1] < 1:

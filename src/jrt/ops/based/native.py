@@ -188,6 +188,8 @@ def _spans(rows: int) -> list[tuple[int, int]]:
 
 def _parallel(call: Callable[[tuple[int, int]], int], rows: int) -> None:
     """``call(span)`` over blocks of the ``B*H`` rows, on the worker pool when there are several threads."""
+    if rows == 0:
+        return
     spans = _spans(rows)
     codes = list(single_threaded_workers(len(spans)).map(call, spans)) if len(spans) > 1 else [call(spans[0])]
     if any(codes):
@@ -312,6 +314,6 @@ def form(q, k, v, keep, state0: State | None, encoder, eps: float, output_final_
     o, state = _Causal.apply(_ready(q), _ready(k), _ready(v), start, keep_u8, h, groups, eps)
     final = None
     if output_final_state:
-        full = to_full(state, f).reshape(b, h, -1, dv + 1)[:, ::groups]
+        full = to_full(state, f).reshape(b, h, feature_dim(f), dv + 1)[:, ::groups]
         final = (full[..., :-1], full[..., -1])
     return o.to(v.dtype), final
