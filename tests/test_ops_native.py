@@ -198,3 +198,22 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     q, k, v = (x.float() for x in qkv(1, 70, 2, 4, 8, seed=4))
     ref, _ = linear_attention(q.double(), k.double(), v.double(), impl="reference")
     assert rel_err(linear_attention(q, k, v, impl="native")[0], ref) < 1e-5
+
+
+def test_saved_states_are_reused_and_a_second_backward_is_a_clear_error():
+    """The chunk states kept for the backward pass go back to a pool and serve the next forward pass of that size:
+    the gradients of two identical steps are identical. A second backward through one graph is refused."""
+    q, k, v = (x.float() for x in qkv(1, 150, 2, 8, 16, seed=6))
+    grads = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o, _ = linear_attention(*leaves, impl="native")
+        o.square().sum().backward()
+        grads.append([x.grad for x in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    o, _ = linear_attention(q.clone().requires_grad_(), k, v, impl="native")
+    loss = o.sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()

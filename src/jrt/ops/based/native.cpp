@@ -291,12 +291,14 @@ extern "C" {
 // Strides (in floats) are given for the sequence, head and time dimensions; the last dimension is contiguous.
 // state: [B*H, Dc, Dv+1] running states in the compressed, weighted, diagonal-ordered space of chunk.py, read at
 // the start and overwritten with the final state. keep: [B, T] bytes or null. q == nullptr: state update only.
-// den_out: [B*H, T] or null, receives each position's denominator (before eps).
+// den_out: [B*H, T] or null, receives each position's denominator (before eps). saved: [B*H, chunks, Dc*Dvp + Dcp]
+// or null, receives the running state that each chunk reads (U, then u; Dvp and Dcp are Dv and Dc rounded up to
+// 16), for the backward pass.
 // Returns 0, or 1 when the work buffers could not be allocated.
 int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_t length, int64_t f, int64_t dv,
                    const float* q, const int64_t* qs, const float* k, const int64_t* ks, const float* v,
                    const int64_t* vs, const uint8_t* keep, float* o, const int64_t* os, float eps, float* state,
-                   float* den_out) {
+                   float* den_out, float* saved) {
   Work w{int(f), int(dv)};
   if (!w.init()) return 1;
   const int dc = w.dc, dvp = w.dvp, dcp = w.dcp, nvec = w.nvec, dv1 = int(dv) + 1;
@@ -354,6 +356,18 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
           const float* qt = qrow + (t0 + t) * qs[2];
           for (int i = 0; i < f; ++i) w.qt[i * C + t] = t < n ? qt[i] : 0.0f;
         }
+      }
+      if (saved) {
+        float* dst = saved + (g * ((length + C - 1) / C) + t0 / C) * per_row;
+#if defined(__AVX512F__)
+        if (reinterpret_cast<uintptr_t>(dst) % 64 == 0 && per_row % W == 0) {  // no read for ownership
+          for (int64_t i = 0; i < per_row; i += W) _mm512_stream_ps(dst + i, load(w.u + i));
+        } else {
+          std::memcpy(dst, w.u, sizeof(float) * per_row);
+        }
+#else
+        std::memcpy(dst, w.u, sizeof(float) * per_row);
+#endif
       }
       if (qrow) {
         // the read of the earlier chunks: O = fq^T U, den = fq^T u
@@ -439,38 +453,37 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
 
 // The buffers of the backward pass of one row (all [., C] blocks feature- or value-major, [C, .] token-major).
 struct BackWork : Dims, Buffers {
-  float *qt, *kt, *qr, *kr, *v, *vt, *ones, *g, *gt, *gden, *feat, *dfeat, *dx, *s, *p, *ds, *dqc, *dkc, *dvc;
+  float *qt, *kt, *qr, *kr, *v, *vt, *ones, *g, *gt, *gden, *feat, *dfeat, *dx, *dxq, *s, *p, *ds, *dqc, *dkc, *dvc;
   float* states;  // per row of a group: U (or G) [Dc, Dvp], then u (or Gden) [Dcp]
 
   BackWork(int f_, int dv_) : Dims(f_, dv_) {}
   bool init() {
     const size_t fc = size_t(fp) * C, cf = size_t(C) * fp, cv = size_t(C) * dvp, vc = size_t(dvp) * C,
                  dcc = size_t(dcp) * C, cc = size_t(C) * C;
-    const size_t sizes[] = {fc,  fc,  cf, cf, cv, vc, C,  cv, vc, C,
-                            dcc, dcc, fc, cc, cc, cc, cf, cf, cv, GROUP * (size_t(dc) * dvp + dcp)};
-    float** const slots[] = {&qt,   &kt,    &qr, &kr, &v, &vt, &ones, &g,   &gt,  &gden,
-                             &feat, &dfeat, &dx, &s,  &p, &ds, &dqc,  &dkc, &dvc, &states};
+    const size_t sizes[] = {fc, fc, cf, cf,  cv,  vc, C,
+                            cv, vc, C,  dcc, dcc, fc, fc,
+                            cc, cc, cc, cf,  cf,  cv, GROUP * (size_t(dc) * dvp + dcp)};
+    float** const slots[] = {&qt,    &kt, &qr,  &kr, &v, &vt, &ones, &g,   &gt,  &gden,  &feat,
+                             &dfeat, &dx, &dxq, &s,  &p, &ds, &dqc,  &dkc, &dvc, &states};
     return carve(sizes, slots, sizeof(sizes) / sizeof(sizes[0]));
   }
 };
 
-// The backward pass of jrt_based_rows for rows g0 .. g1-1, by two sweeps over the chunks of each row:
-//   forwards, with the running state U rebuilt chunk by chunk: dq (through the read fq^T U and the intra-chunk
-//   scores);
-//   backwards, with G = dL/dU after the chunk: dk and dv, through the state (U += fk [v, 1] gives
-//   d fk = G [v, 1]^T and d[v, 1] = fk^T G) and the intra-chunk term; then G += fq [g, gden] (the chunk's read
-//   of U).
+// The backward pass of jrt_based_rows for rows g0 .. g1-1: one sweep over the chunks of each row, backwards,
+// carrying G = dL/dU after the chunk. Per chunk: dq through the read of the saved state U (d fq = U [g, gden]^T)
+// and the intra-chunk scores; dk and dv through the state (U += fk [v, 1] gives d fk = G [v, 1]^T and
+// d[v, 1] = fk^T G) and the intra-chunk term; then G += fq [g, gden] (the chunk's read of U).
 // With dO the output's gradient (dout), o the output and den [B*H, T] the denominator (from jrt_based_rows),
 // g = dO / (den + eps) and gden = -(dO . o) / (den + eps) are the gradients of the numerator and denominator.
-// q == nullptr: the state of an encoder sum (no output): dk, dv from G = dfinal alone.
-// start: [B*H, Dc, Dv+1] the running state before the first token (as jrt_based_rows read it); dfinal: the
-// gradient of the final state, same layout, or null. dq [B, T, H, F], dk [B, T, H, F] and dv [B, T, H, Dv] are
-// written for every position (per query head: a group's key/value head gradient is the sum over its query heads,
-// taken by the caller); dstart [B*H, Dc, Dv+1] receives dL/d start.
+// saved: the chunk states that jrt_based_rows saved. q == nullptr: the state of an encoder sum (no output, no
+// saved states): dk, dv from G = dfinal alone. dfinal: the gradient of the final state, [B*H, Dc, Dv+1], or null.
+// dq [B, T, H, F], dk [B, T, H, F] and dv [B, T, H, Dv] are written for every position (per query head: a
+// group's key/value head gradient is the sum over its query heads, taken by the caller); dstart [B*H, Dc, Dv+1]
+// receives dL/d(the state before the first token).
 int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_t length, int64_t f,
                             int64_t dv, const float* q, const int64_t* qs, const float* k, const int64_t* ks,
                             const float* v, const int64_t* vs, const uint8_t* keep, const float* o, const int64_t* os,
-                            const float* den, const float* dout, const int64_t* douts, float eps, const float* start,
+                            const float* den, const float* dout, const int64_t* douts, float eps, const float* saved,
                             const float* dfinal, float* dq, const int64_t* dqs, float* dk, const int64_t* dks,
                             float* dvv, const int64_t* dvs, float* dstart) {
   BackWork w{int(f), int(dv)};
@@ -604,46 +617,7 @@ int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t group
       }
     };
 
-    // sweep 1, forwards, with the running state U rebuilt chunk by chunk: dq
-    if (q) {
-      for (int r = 0; r < nr; ++r) load_state(start, rows[r], gs + r);
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t t0 = c * C;
-        const int n = int(std::min<int64_t>(C, length - t0));
-        for (int r = 0; r < nr; ++r) {
-          const Row& row = rows[r];
-          Ahead ahead;
-          if (r + 1 < nr)
-            ahead_of(rows[r + 1], c, ahead);
-          else
-            ahead_of(rows[0], c + 1, ahead);
-          load_chunk(row, t0, n, true);
-          // through the read: dfq = U g^T + u gden^T, then dq from the features
-          features(w.qt, int(f), w.feat, false);
-          gemm(dc, row.u, dvp, 1, w.gt, C, int(dv), w.dfeat, C, C / W, true, &ahead);
-          rank1(dc, row.uden, w.gden, w.dfeat);
-          features_backward(w.dfeat, w.qt, int(f), w.dx, false);
-          // through the intra-chunk scores: dq += ds k
-          intra();
-          for (int i = 0; i < C; i += R) {
-            const int rr = std::min(R, C - i);
-            block(rr, w.ds + i * C, C, 1, w.kr, fp, i + rr, w.dqc + i * fp, fp, fv, true);
-          }
-          float* dxr = w.s;  // (free again) dx token-major, [C, Fp]
-          transpose(w.dx, C, dxr, fp, fp, C);
-          for (int t = 0; t < n; ++t) {
-            float* dqt = row.dq + (t0 + t) * dqs[2];
-            for (int i = 0; i < f; ++i) dqt[i] = dxr[t * fp + i] + w.dqc[t * fp + i];
-          }
-          // the running state for the next chunk: U += fk [v, 1]
-          features(w.kt, int(f), w.feat, true);
-          gemm(dc, w.feat, C, 1, w.v, dvp, n, row.u, dvp, nvec, false, &ahead);
-          row_dots(dc, w.feat, w.ones, row.uden);
-        }
-      }
-    }
-
-    // sweep 2, backwards, with G = dL/dU after the chunk (in the rows' state buffers): dk and dv
+    // one sweep, backwards, with G = dL/dU after the chunk (in the rows' state buffers): dq, dk, dv
     for (int r = 0; r < nr; ++r) load_state(dfinal, rows[r], gs + r);
     for (int64_t c = chunks - 1; c >= 0; --c) {
       const int64_t t0 = c * C;
@@ -653,11 +627,31 @@ int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t group
         float* gst = row.u;
         float* gden = row.uden;
         Ahead ahead;
-        if (r + 1 < nr)
+        if (r + 1 < nr) {
           ahead_of(rows[r + 1], c, ahead);
-        else
+        } else {
           ahead_of(rows[0], c - 1, ahead);
-        load_chunk(row, t0, n, false);
+        }
+        load_chunk(row, t0, n, q != nullptr);
+        if (q) {
+          // through the read of the saved state U: dfq = U g^T + u gden^T, then dq from the features
+          const float* uc = saved + ((gs + r) * chunks + c) * per_state;
+          gemm(dc, uc, dvp, 1, w.gt, C, int(dv), w.dfeat, C, C / W, true, &ahead);
+          rank1(dc, uc + int64_t(dc) * dvp, w.gden, w.dfeat);
+          features_backward(w.dfeat, w.qt, int(f), w.dxq, false);
+          // the intra-chunk term: dq += ds k, and (below) dk += ds^T q, dv += P^T g
+          intra();
+          for (int i = 0; i < C; i += R) {
+            const int rr = std::min(R, C - i);
+            block(rr, w.ds + i * C, C, 1, w.kr, fp, i + rr, w.dqc + i * fp, fp, fv, true);
+          }
+          float* dxr = w.s;  // (free again) dx token-major, [C, Fp]
+          transpose(w.dxq, C, dxr, fp, fp, C);
+          for (int t = 0; t < n; ++t) {
+            float* dqt = row.dq + (t0 + t) * dqs[2];
+            for (int i = 0; i < f; ++i) dqt[i] = dxr[t * fp + i] + w.dqc[t * fp + i];
+          }
+        }
         // through the state: d fk = G [v, 1]^T (dk from the features of the scaled keys), d[v] = fk^T G
         features(w.kt, int(f), w.feat, true);
         gemm(dc, gst, dvp, 1, w.vt, C, int(dv), w.dfeat, C, C / W, true, &ahead);
@@ -665,17 +659,16 @@ int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t group
         features_backward(w.dfeat, w.kt, int(f), w.dx, true);
         gemm(C, w.feat, 1, C, gst, dvp, dc, w.dvc, dvp, nvec, true, &ahead);
         if (q) {
-          // through the intra-chunk term: rows s of dk += ds^T q and dv += P^T g (the terms t >= s)
-          intra();
-          for (int i = 0; i < C; i += R) {
+          for (int i = 0; i < C; i += R) {  // rows s of ds^T q and P^T g: the terms t >= s
             const int rr = std::min(R, C - i);
             block(rr, w.ds + i * C + i, 1, C, w.qr + i * fp, fp, C - i, w.dkc + i * fp, fp, fv, true);
             block(rr, w.p + i * C + i, 1, C, w.g + i * dvp, dvp, C - i, w.dvc + i * dvp, dvp, nvec, false);
           }
+        } else {
+          std::memset(w.dkc, 0, sizeof(float) * C * fp);
         }
         float* dxr = w.s;  // (free again) dx token-major, [C, Fp]
         transpose(w.dx, C, dxr, fp, fp, C);
-        if (!q) std::memset(w.dkc, 0, sizeof(float) * C * fp);
         for (int t = 0; t < n; ++t) {
           float* dkt = row.dk + (t0 + t) * dks[2];
           float* dvt = row.dv + (t0 + t) * dvs[2];

@@ -43,6 +43,8 @@ from jrt.ops.common import State, prefix_positions
 from jrt.ops.feature_map import feature_dim
 
 SOURCE = Path(__file__).with_name("native.cpp")
+#: The kernel's chunk length (``C`` in ``native.cpp``).
+CHUNK = 64
 #: Environment variable: ``0`` switches the native form off (``auto`` then takes the chunked form).
 NATIVE_ENV = "JRT_NATIVE"
 #: Environment variable: where compiled libraries are kept.
@@ -97,7 +99,7 @@ def _load() -> ctypes.CDLL:
     p = ctypes.c_void_p
     i64 = ctypes.c_int64
     f32 = ctypes.c_float
-    lib.jrt_based_rows.argtypes = [i64] * 7 + [p] * 9 + [f32, p, p]
+    lib.jrt_based_rows.argtypes = [i64] * 7 + [p] * 9 + [f32, p, p, p]
     lib.jrt_based_rows.restype = ctypes.c_int
     lib.jrt_based_backward_rows.argtypes = [i64] * 7 + [p] * 12 + [f32] + [p] * 9
     lib.jrt_based_backward_rows.restype = ctypes.c_int
@@ -200,10 +202,17 @@ def _ptr(x: torch.Tensor | None) -> ctypes.c_void_p | None:
     return None if x is None else ctypes.c_void_p(x.data_ptr())
 
 
-def _forward(heads: int, groups: int, eps: float, q, k, v, keep, state, den=None):
+def saved_size(f: int, dv: int) -> int:
+    """Floats per saved chunk state: ``Dc * Dvp + Dcp`` (``Dvp``, ``Dcp``: ``Dv``, ``Dc`` rounded up to 16)."""
+    dc = feature_dim(f, compressed=True)
+    return dc * (-(-dv // 16) * 16) + -(-dc // 16) * 16
+
+
+def _forward(heads: int, groups: int, eps: float, q, k, v, keep, state, den=None, saved=None):
     """The kernel's forward pass: ``state [B*H, Dc, Dv+1]`` (internal space) is advanced in place; returns
     ``o [B, T, H, Dv]`` (float32), or None when ``q`` is None (an encoder sum: the state update alone). ``den
-    [B*H, T]``, when given, receives the denominators."""
+    [B*H, T]`` and ``saved [B*H, chunks, saved_size]``, when given, receive the denominators and the state each
+    chunk reads (for the backward pass)."""
     lib = library()
     b, t, f, dv = k.shape[0], k.shape[1], k.shape[-1], v.shape[-1]
     o = _empty_output(b, t, heads, dv) if q is not None else None
@@ -211,32 +220,69 @@ def _forward(heads: int, groups: int, eps: float, q, k, v, keep, state, den=None
 
     def call(span: tuple[int, int]) -> int:
         return lib.jrt_based_rows(span[0], span[1], heads, groups, t, f, dv, _ptr(q), qs, _ptr(k), ks, _ptr(v), vs,
-                                  _ptr(keep), _ptr(o), os_, eps, _ptr(state), _ptr(den))
+                                  _ptr(keep), _ptr(o), os_, eps, _ptr(state), _ptr(den), _ptr(saved))
 
     _parallel(call, b * heads)
     return o
 
 
-def _backward(heads: int, groups: int, eps: float, q, k, v, keep, o, den, do, start, dfinal):
-    """The kernel's backward pass: ``(dq, dk, dv, dstart)``; ``dk``, ``dv`` with ``Hkv`` heads (summed over each
-    group's query heads), ``dq`` None when ``q`` is None (an encoder sum; ``o``, ``den``, ``do`` None too)."""
+def _backward(heads: int, groups: int, eps: float, q, k, v, keep, o, den, do, saved, dfinal, start_shape):
+    """The kernel's backward pass: ``(dq, dk, dv, dstart)``, ``dstart`` of ``start_shape``; ``dk``, ``dv`` with
+    ``Hkv`` heads (summed over each group's query heads), ``dq`` None when ``q`` is None (an encoder sum; ``o``,
+    ``den``, ``do`` and ``saved`` None too)."""
     lib = library()
     b, t, f, dv = k.shape[0], k.shape[1], k.shape[-1], v.shape[-1]
     dq = _empty_output(b, t, heads, f) if q is not None else None
     dk, dvv = _empty_output(b, t, heads, f), _empty_output(b, t, heads, dv)
-    dstart = torch.empty(b * heads, *start.shape[1:])
+    dstart = torch.empty(start_shape)
     qs, ks, vs, os_, dos, dqs, dks, dvs = (None if x is None else _strides(x) for x in (q, k, v, o, do, dq, dk, dvv))
 
     def call(span: tuple[int, int]) -> int:
         return lib.jrt_based_backward_rows(
             span[0], span[1], heads, groups, t, f, dv, _ptr(q), qs, _ptr(k), ks, _ptr(v), vs, _ptr(keep), _ptr(o),
-            os_, _ptr(den), _ptr(do), dos, eps, _ptr(start), _ptr(dfinal), _ptr(dq), dqs, _ptr(dk), dks,
+            os_, _ptr(den), _ptr(do), dos, eps, _ptr(saved), _ptr(dfinal), _ptr(dq), dqs, _ptr(dk), dks,
             _ptr(dvv), dvs, _ptr(dstart))
 
     _parallel(call, b * heads)
     if groups > 1:
         dk, dvv = (x.unflatten(2, (-1, groups)).sum(3) for x in (dk, dvv))
     return dq, dk, dvv, dstart
+
+
+class _SavedStates:
+    """A pool of the buffers that hold the chunk states between a forward pass and its backward pass.
+
+    A fresh buffer of hundreds of MB costs more in page faults than the kernel spends writing it (63 of 139 ms
+    for a 163 MB buffer at 32k tokens and 16 heads, measured on a 2-core VM), so a backward pass hands its buffer
+    back and the next forward pass of that size takes it, as the CUDA caching allocator does for GPU memory. At
+    most ``LIMIT`` buffers are kept; ``JRT_NATIVE_POOL=0`` keeps none."""
+
+    LIMIT = 64
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, *shape: int) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get(shape)
+            if free:
+                return free.pop()
+        return _empty_output(*shape)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        if os.environ.get("JRT_NATIVE_POOL", "").strip() == "0":
+            return
+        with self._lock:
+            if sum(len(x) for x in self._free.values()) < self.LIMIT:
+                self._free.setdefault(tuple(buffer.shape), []).append(buffer)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+SAVED_STATES = _SavedStates()
 
 
 class _Causal(torch.autograd.Function):
@@ -246,19 +292,30 @@ class _Causal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, start, keep, heads: int, groups: int, eps: float):
         state = start.detach().clone()
-        den = q.new_empty(state.shape[0], q.shape[1]) if any(ctx.needs_input_grad[:4]) else None
-        o = _forward(heads, groups, eps, q.detach(), k.detach(), v.detach(), keep, state, den)
-        ctx.save_for_backward(q, k, v, start, o, den)
-        ctx.keep, ctx.heads, ctx.groups, ctx.eps = keep, heads, groups, eps
+        den = saved = None
+        if any(ctx.needs_input_grad[:4]):  # the denominators and every chunk's state, for the backward pass
+            t, f, dv = q.shape[1], q.shape[-1], v.shape[-1]
+            den = q.new_empty(state.shape[0], t)
+            saved = SAVED_STATES.take(state.shape[0], -(-t // CHUNK), saved_size(f, dv))
+        o = _forward(heads, groups, eps, q.detach(), k.detach(), v.detach(), keep, state, den, saved)
+        ctx.save_for_backward(q, k, v, o, den, saved)
+        ctx.keep, ctx.heads, ctx.groups, ctx.eps, ctx.start_shape = keep, heads, groups, eps, start.shape
+        ctx.released = False
         return o, state
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dfinal):
-        q, k, v, start, o, den = ctx.saved_tensors
+        if ctx.released:
+            raise RuntimeError("impl='native' supports one backward pass per forward pass (its saved chunk states "
+                               "went back to a pool after the first); use impl='chunk' with retain_graph=True")
+        q, k, v, o, den, saved = ctx.saved_tensors
         do = _ready(do) if do is not None else torch.zeros_like(o)
         dfinal = dfinal.contiguous() if dfinal is not None else None
-        dq, dk, dv, dstart = _backward(ctx.heads, ctx.groups, ctx.eps, q, k, v, ctx.keep, o, den, do, start, dfinal)
+        dq, dk, dv, dstart = _backward(ctx.heads, ctx.groups, ctx.eps, q, k, v, ctx.keep, o, den, do, saved, dfinal,
+                                       ctx.start_shape)
+        ctx.released = True
+        SAVED_STATES.give(saved)
         return dq, dk, dv, dstart, None, None, None, None
 
 
@@ -279,8 +336,8 @@ class _Encoder(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, de):
         k_enc, v_enc = ctx.saved_tensors
-        _, dk, dv, _ = _backward(ctx.heads, ctx.groups, 0.0, None, k_enc, v_enc, ctx.keep, None, None, None,
-                                 torch.zeros_like(de), de.contiguous())
+        _, dk, dv, _ = _backward(ctx.heads, ctx.groups, 0.0, None, k_enc, v_enc, ctx.keep, None, None, None, None,
+                                 de.contiguous(), de.shape)
         return dk, dv, None, None, None
 
 
