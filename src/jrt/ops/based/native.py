@@ -4,10 +4,10 @@ The kernel runs the chunked algorithm of :mod:`.chunk` one (sequence, head) row 
 state in cache, and computes every product itself with a register-blocked micro-kernel: nothing of size
 ``T * Dc`` (features, chunk states, their prefix sums) is written to memory, which is where the PyTorch
 chunked form spends most of its time on a CPU (``docs/benchmarks.md``). It computes in float32 (bfloat16 and
-float16 inputs are converted; float64 stays with the chunked form) and is differentiable: its backward pass is
-a second kernel (two sweeps per row: forwards for ``dq`` with the state rebuilt, backwards for ``dk``, ``dv``
-with the state's gradient). ``impl="auto"`` takes it for CPU tensors when it is available, the chunked form
-otherwise.
+float16 inputs are converted; float64 stays with the chunked form) and is differentiable: when a gradient is
+needed the forward pass saves the state each chunk reads, and the backward pass is a second kernel, one reverse
+sweep per row with the state's gradient (:class:`_SavedStates` pools those buffers between steps; one backward
+pass per graph). ``impl="auto"`` takes it for CPU tensors when it is available, the chunked form otherwise.
 
 Building: the system C++ compiler (``$CXX``, else ``c++``), ``-O3 -march=native``, into
 ``$JRT_KERNEL_CACHE`` (default ``~/.cache/jrt/kernels``), one library per source, compiler and CPU; a compile
@@ -253,7 +253,7 @@ class _SavedStates:
     """A pool of the buffers that hold the chunk states between a forward pass and its backward pass.
 
     A fresh buffer of hundreds of MB costs more in page faults than the kernel spends writing it (63 of 139 ms
-    for a 163 MB buffer at 32k tokens and 16 heads, measured on a 2-core VM), so a backward pass hands its buffer
+    for a 163 MB buffer at 16k tokens and 16 heads, measured on a 2-core VM), so a backward pass hands its buffer
     back and the next forward pass of that size takes it, as the CUDA caching allocator does for GPU memory. At
     most ``LIMIT`` buffers are kept; ``JRT_NATIVE_POOL=0`` keeps none."""
 
