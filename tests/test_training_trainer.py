@@ -206,10 +206,10 @@ def test_cli_train_and_bad_input(tiny_data, tmp_path, capsys):
 def test_throughput_rows(tiny_data):
     from jrt.training.throughput import measure_throughput
 
-    rows = measure_throughput(["based-tiny", "jrt-tiny"], str(tiny_data), steps=1, warmup=0, progress=False,
-                              overrides={"seq_len": 32, "prefix_len": 16, "global_batch_size": 2,
-                                         "micro_batch_size": 2, "num_threads": 1})
-    assert [r["preset"] for r in rows] == ["based-tiny", "jrt-tiny"]
+    rows = measure_throughput(["based-tiny", "jrt-tiny", "jrt-tiny@chunk"], str(tiny_data), steps=1, warmup=0,
+                              progress=False, overrides={"seq_len": 32, "prefix_len": 16, "global_batch_size": 2,
+                                                         "micro_batch_size": 2, "num_threads": 1})
+    assert [r["preset"] for r in rows] == ["based-tiny", "jrt-tiny", "jrt-tiny@chunk"]
     assert rows[0]["ratio"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)
     assert rows[1]["parameters"] > rows[0]["parameters"]  # JRT-RNN adds the encoder key/value projections
 

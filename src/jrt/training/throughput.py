@@ -34,7 +34,11 @@ def measure_throughput(presets: Sequence[str], data_dir: str, steps: int = 10, w
     trainers = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(presets):
-            cfg = build_config(name, None, {**(overrides or {}), "max_steps": warmup + steps})
+            preset, _, impl = name.partition("@")  # PRESET@IMPL: the same model on another jrt.ops implementation
+            cfg = build_config(preset, None, {**(overrides or {}), "max_steps": warmup + steps})
+            if impl:
+                cfg.model_overrides = {**cfg.model_overrides, "ops_impl": impl}
+                cfg = cfg.validate()
             trainers.append(Trainer(cfg, data_dir, f"{tmp}/{i}", DistInfo(), progress=False, tensorboard=False))
         times: list[list[float]] = [[] for _ in trainers]
         bar = tqdm(total=(warmup + steps) * len(trainers), desc="throughput", disable=not progress)
@@ -62,7 +66,9 @@ def measure_throughput(presets: Sequence[str], data_dir: str, steps: int = 10, w
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jrt.training.throughput", description=__doc__)
     parser.add_argument("--data", required=True, help="folder written by `jrt data prepare`")
-    parser.add_argument("--presets", default="based-tiny,jrt-tiny", help="comma-separated training presets")
+    parser.add_argument("--presets", default="based-tiny,jrt-tiny",
+                        help="comma-separated training presets, each optionally as PRESET@IMPL (the model on another "
+                        "jrt.ops implementation, e.g. jrt-tiny,jrt-tiny@chunk)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
