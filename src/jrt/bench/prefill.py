@@ -50,7 +50,7 @@ from jrt.bench.prefill_methods import (
     sdpa_flops,
     time_call,
 )
-from jrt.ops.common import check_impl
+from jrt.ops.common import split_impl
 
 #: The methods of the ``ops`` backend (any device, through :mod:`jrt.ops`), in table order.
 METHODS = ("sdpa", "jrt_prompt", "jrt_rnn", "jrt_prompt_products")
@@ -101,13 +101,10 @@ def run_prefill(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available")
-    unknown = [m for m in methods if split_method(m)[0] not in METHODS]
+    unknown = [m for m in methods if split_impl(m)[0] not in METHODS]  # (also checks each @IMPL)
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose among {', '.join(METHODS)} "
                          "(each optionally with @IMPL, e.g. jrt_prompt@chunk)")
-    for m in methods:
-        if split_method(m)[1] is not None:
-            check_impl(split_method(m)[1])
     if any(t < 2 for t in lengths):
         raise ValueError(f"lengths must be >= 2, got {lengths}")
     torch_dtype = _parse_dtype(dtype, dev)
@@ -115,7 +112,7 @@ def run_prefill(
     rows: list[Row] = []
     for t in lengths:
         for method in methods:
-            base, own_impl = split_method(method)
+            base, own_impl = split_impl(method)
             shape = Shape(batch, heads, t, feature, head_dim, dev, torch_dtype, own_impl or impl, backward=backward)
             case = build(base, "ops", shape)
             seconds, peak = time_call(case.run, dev, repeats, warmup)
@@ -129,13 +126,6 @@ def run_prefill(
     return {"rows": out, "machine": machine,
             "config": {"head_dim": head_dim, "feature_dim": feature, "dtype": str(torch_dtype), "impl": impl,
                        "repeats": repeats, "warmup": warmup, "backward": backward}}
-
-
-def split_method(method: str) -> tuple[str, str | None]:
-    """``"jrt_prompt@chunk"`` -> ``("jrt_prompt", "chunk")``: a method with its own ``jrt.ops`` implementation
-    (so that two implementations are timed side by side in one run); ``"sdpa"`` -> ``("sdpa", None)``."""
-    base, _, impl = method.partition("@")
-    return base, (impl or None)
 
 
 def _parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -177,11 +167,11 @@ def format_table(result: dict) -> str:
     rows = result["rows"]
     by = {(r["method"], r["length"]): r for r in rows}
     seen = list(dict.fromkeys(r["method"] for r in rows))
-    methods = sorted(seen, key=lambda m: (METHODS.index(split_method(m)[0]), seen.index(m)))
+    methods = sorted(seen, key=lambda m: (METHODS.index(split_impl(m)[0]), seen.index(m)))
     lengths = sorted({r["length"] for r in rows})
     mm = result["machine"]["matmul_gflops"]
     width = {m: max(14, len(m) + 4) for m in methods}  # time column
-    ratio_names = [m for m in methods if split_method(m)[0] not in ("sdpa", "jrt_prompt_products")]
+    ratio_names = [m for m in methods if split_impl(m)[0] not in ("sdpa", "jrt_prompt_products")]
     ratio_names = ratio_names if "sdpa" in methods else []
     ratio_width = {m: max(16, len(m) + 7) for m in ratio_names}
     head = f"{'T':>7} " + "".join(f"{m + ' ms':>{width[m]}}{'GFLOP/s':>9}{'% mm':>6}{'peak MB':>9}" for m in methods)

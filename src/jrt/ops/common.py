@@ -135,6 +135,13 @@ def check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> str:
     return impl
 
 
+def split_impl(name: str) -> tuple[str, str | None]:
+    """``"NAME@IMPL"`` -> ``("NAME", "IMPL")`` with ``IMPL`` checked, ``"NAME"`` -> ``("NAME", None)``: a benchmark
+    method or training preset run on its own implementation, so that two are compared side by side in one run."""
+    base, _, impl = name.partition("@")
+    return base, (check_impl(impl) if impl else None)
+
+
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 when any input is float64, else float32 (bfloat16/float16 inputs accumulate in float32)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from jrt.ops.common import split_impl
 from jrt.training.config import build_config, parse_overrides
 from jrt.training.distributed import DistInfo
 from jrt.training.trainer import Trainer
@@ -34,7 +35,7 @@ def measure_throughput(presets: Sequence[str], data_dir: str, steps: int = 10, w
     trainers = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(presets):
-            preset, _, impl = name.partition("@")  # PRESET@IMPL: the same model on another jrt.ops implementation
+            preset, impl = split_impl(name)  # PRESET@IMPL: the same model on another jrt.ops implementation
             cfg = build_config(preset, None, {**(overrides or {}), "max_steps": warmup + steps})
             if impl:
                 cfg.model_overrides = {**cfg.model_overrides, "ops_impl": impl}

@@ -54,8 +54,8 @@ def resolve_impl(impl: str, device: torch.device, length: int, feature: int | No
 
     ``auto`` honours ``JRT_OPS_IMPL`` when set; otherwise it takes Triton on CUDA when it imports and supports
     the feature dim, the token loop for single tokens (decoding), the native kernel on CPUs where it builds
-    (:mod:`.native`; the operators fall back to the chunked form when autograd or float64 rules it out), and
-    the chunked form everywhere else.
+    (:mod:`.native`; the operators fall back to the chunked form for float64 inputs), and the chunked form
+    everywhere else.
     """
     check_impl(impl)
     if impl != "auto":
@@ -74,7 +74,7 @@ def resolve_impl(impl: str, device: torch.device, length: int, feature: int | No
 
 
 def _settle(requested: str, impl: str, *tensors) -> str:
-    """``native`` chosen by ``auto`` gives way to the chunked form where it cannot run (autograd, float64)."""
+    """``native`` chosen by ``auto`` gives way to the chunked form where it cannot run (float64 inputs)."""
     if impl == "native" and requested == "auto" and not native.supports(*tensors):
         return "chunk"
     return impl
@@ -177,7 +177,7 @@ def linear_attention(
         attention_mask: ``[B, T]``, 1 for tokens and 0 for padding (left or right); padded positions add
             nothing to any sum, whatever they hold (their own outputs are meaningless).
         impl: ``"reference"`` (quadratic), ``"chunk"`` (linear in T), ``"recurrent"`` (token loop),
-            ``"triton"`` (GPU kernels), ``"native"`` (the compiled CPU kernel, inference) or ``"auto"``.
+            ``"triton"`` (GPU kernels), ``"native"`` (the compiled CPU kernel) or ``"auto"``.
 
     Returns:
         ``(o, state)``: ``o [B, T, H, Dv]`` in ``v``'s dtype; ``state = (S, z)`` in float32 (float64 for

@@ -236,6 +236,34 @@ inline void row_dots(int m, const float* feat, const float* x, float* u) {
   }
 }
 
+// s [C, C] = q k^T on the blocks of 16 columns that reach the diagonal (qt, kt: [F, C]); blocks above are not
+// written.
+inline void causal_scores(const float* qt, const float* kt, int f, float* s) {
+  for (int r = 0; r < C; r += R) {
+    const int rr = std::min(R, C - r);
+    block(rr, qt + r, 1, C, kt, C, f, s + r * C, C, (r + rr - 1) / W + 1, true);
+  }
+}
+
+// The Taylor kernel on scores: 1 + s + s^2/2.
+inline vf taylor(vf s) { return splat(1.0f) + s + splat(0.5f) * s * s; }
+
+// A state [Dc, Dv+1] (the caller's layout: the denominator as the last column) into U [Dc, Dvp] and u [Dc].
+inline void unpack_state(const float* st, int dc, int dv, int dvp, float* u, float* uden) {
+  for (int i = 0; i < dc; ++i) {
+    std::memcpy(u + i * dvp, st + i * (dv + 1), sizeof(float) * dv);
+    uden[i] = st[i * (dv + 1) + dv];
+  }
+}
+
+// The inverse of unpack_state.
+inline void pack_state(const float* u, const float* uden, int dc, int dv, int dvp, float* st) {
+  for (int i = 0; i < dc; ++i) {
+    std::memcpy(st + i * (dv + 1), u + i * dvp, sizeof(float) * dv);
+    st[i * (dv + 1) + dv] = uden[i];
+  }
+}
+
 // The dimensions of one row's problem, padded to whole vectors where a buffer needs it.
 struct Dims {
   int f, dv, dc, nvec, dvp, dcp, fp;
@@ -310,13 +338,9 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
   float* states = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * rows * per_row));
   if (!states) return 1;
   for (int64_t g = g0; g < g1; ++g) {
-    const float* st = state + g * int64_t(dc) * dv1;
     float* u = states + (g - g0) * per_row;
     std::memset(u, 0, sizeof(float) * per_row);
-    for (int i = 0; i < dc; ++i) {
-      std::memcpy(u + i * dvp, st + i * dv1, sizeof(float) * dv);
-      u[int64_t(dc) * dvp + i] = st[i * dv1 + dv];
-    }
+    unpack_state(state + g * int64_t(dc) * dv1, dc, int(dv), dvp, u, u + int64_t(dc) * dvp);
   }
 
   for (int64_t t0 = 0; t0 < length; t0 += C) {
@@ -379,10 +403,7 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
           for (int j = 0; j < C / W; ++j) den[j] += load(w.feat + i * C + j * W) * x;
         }
         // the intra-chunk term: P = tril(1 + s + s^2/2), O += P V, den += P 1
-        for (int r = 0; r < C; r += R) {  // s = q k^T on the blocks of 16 columns that reach the diagonal
-          const int rr = std::min(R, C - r);
-          block(rr, w.qt + r, 1, C, w.kt, C, int(f), w.p + r * C, C, (r + rr - 1) / W + 1, true);
-        }
+        causal_scores(w.qt, w.kt, int(f), w.p);
         vf rows[W];
         for (int t = 0; t < C; ++t) {
           const int blocks = t / W + 1;
@@ -393,8 +414,7 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
               continue;
             }
             const vf s = load(w.p + t * C + j * W);
-            vf kern = splat(1.0f) + s + splat(0.5f) * s * s;
-            kern = ((lane + j * W) <= t) ? kern : vf{};
+            const vf kern = ((lane + j * W) <= t) ? taylor(s) : vf{};
             store(w.p + t * C + j * W, kern);
             dacc += kern * load(w.ones + j * W);
           }
@@ -425,24 +445,12 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
       // the state update: U += fk V, u += fk 1
       features(w.kt, int(f), w.feat, true);
       gemm(dc, w.feat, C, 1, w.v, dvp, n, w.u, dvp, nvec, false, &ahead);
-      for (int i0 = 0; i0 < dc; i0 += W) {  // (rows dc .. dcp-1 of feat and uden stay zero)
-        vf sums[W];
-        for (int i = 0; i < W; ++i) {
-          vf acc = {};
-          for (int j = 0; j < C / W; ++j) acc += load(w.feat + (i0 + i) * C + j * W) * load(w.ones + j * W);
-          sums[i] = acc;
-        }
-        store(w.uden + i0, load(w.uden + i0) + hsum16(sums));
-      }
+      row_dots(dc, w.feat, w.ones, w.uden);
     }
   }
   for (int64_t g = g0; g < g1; ++g) {
-    float* st = state + g * int64_t(dc) * dv1;
     const float* u = states + (g - g0) * per_row;
-    for (int i = 0; i < dc; ++i) {
-      std::memcpy(st + i * dv1, u + i * dvp, sizeof(float) * dv);
-      st[i * dv1 + dv] = u[int64_t(dc) * dvp + i];
-    }
+    pack_state(u, u + int64_t(dc) * dvp, dc, int(dv), dvp, state + g * int64_t(dc) * dv1);
   }
   std::free(states);
 #if defined(__AVX512F__)
@@ -454,7 +462,7 @@ int jrt_based_rows(int64_t g0, int64_t g1, int64_t heads, int64_t groups, int64_
 // The buffers of the backward pass of one row (all [., C] blocks feature- or value-major, [C, .] token-major).
 struct BackWork : Dims, Buffers {
   float *qt, *kt, *qr, *kr, *v, *vt, *ones, *g, *gt, *gden, *feat, *dfeat, *dx, *dxq, *s, *p, *ds, *dqc, *dkc, *dvc;
-  float* states;  // per row of a group: U (or G) [Dc, Dvp], then u (or Gden) [Dcp]
+  float* states;  // per row of a group: the state's gradient G [Dc, Dvp], then its denominator column [Dcp]
 
   BackWork(int f_, int dv_) : Dims(f_, dv_) {}
   bool init() {
@@ -498,7 +506,7 @@ int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t group
   struct Row {
     const float *q, *k, *v, *o, *dout, *den;
     const uint8_t* keep;
-    float *dq, *dk, *dv, *u, *uden;
+    float *dq, *dk, *dv, *grad, *grad_den;  // G and its denominator column, in the work buffers
   };
   auto row_of = [&](int64_t g, int64_t gs) {
     const int64_t b = g / heads, h = g % heads, hk = h / groups;
@@ -513,13 +521,13 @@ int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t group
     r.dq = q ? dq + b * dqs[0] + h * dqs[1] : nullptr;
     r.dk = dk + b * dks[0] + h * dks[1];
     r.dv = dvv + b * dvs[0] + h * dvs[1];
-    r.u = w.states + (g - gs) * per_state;
-    r.uden = r.u + int64_t(dc) * dvp;
+    r.grad = w.states + (g - gs) * per_state;
+    r.grad_den = r.grad + int64_t(dc) * dvp;
     return r;
   };
   // one chunk's inputs: q, k / sqrt(F) (feature- and token-major), [v] (token- and value-major), the ones
   // column, and the numerator's and denominator's gradients g, gden (zero past the end)
-  auto load_chunk = [&](const Row& row, int64_t t0, int n, bool with_gt) {
+  auto load_chunk = [&](const Row& row, int64_t t0, int n) {
     for (int t = 0; t < C; ++t) {
       const bool real = t < n && (!row.keep || row.keep[t0 + t]);
       const float* kt = row.k + (t0 + t) * ks[2];
@@ -564,15 +572,15 @@ int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t group
     transpose(w.v, dvp, w.vt, C, C, dvp);
     if (!q) return;
     transpose(w.qr, fp, w.qt, C, C, fp);
-    if (with_gt) transpose(w.g, dvp, w.gt, C, C, dvp);
+    transpose(w.g, dvp, w.gt, C, C, dvp);
   };
   // the intra-chunk term of the loaded chunk: s = q k^T, P = 1 + s + s^2/2 (lower triangle),
   // dP = g v^T + gden 1^T, ds = dP (1 + s) (lower triangle)
   auto intra = [&]() {
-    for (int r = 0; r < C; r += R) {
-      const int rr = std::min(R, C - r), nb = (r + rr - 1) / W + 1;
-      block(rr, w.qt + r, 1, C, w.kt, C, int(f), w.s + r * C, C, nb, true);
-      block(rr, w.g + r * dvp, dvp, 1, w.vt, C, int(dv), w.ds + r * C, C, nb, true);
+    causal_scores(w.qt, w.kt, int(f), w.s);
+    for (int r = 0; r < C; r += R) {  // dP = g v^T on the same blocks
+      const int rr = std::min(R, C - r);
+      block(rr, w.g + r * dvp, dvp, 1, w.vt, C, int(dv), w.ds + r * C, C, (r + rr - 1) / W + 1, true);
     }
     for (int t = 0; t < C; ++t) {
       const vf gd = splat(w.gden[t]);
@@ -585,7 +593,7 @@ int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t group
         const vf sc = load(w.s + t * C + j * W);
         const auto lower = (lane + j * W) <= t;
         const vf dp = load(w.ds + t * C + j * W) + gd * load(w.ones + j * W);
-        store(w.p + t * C + j * W, lower ? splat(1.0f) + sc + splat(0.5f) * sc * sc : vf{});
+        store(w.p + t * C + j * W, lower ? taylor(sc) : vf{});
         store(w.ds + t * C + j * W, lower ? dp * (splat(1.0f) + sc) : vf{});
       }
     }
@@ -607,32 +615,25 @@ int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t group
     const int nr = int(std::min<int64_t>(GROUP, g1 - gs));
     Row rows[GROUP];
     for (int r = 0; r < nr; ++r) rows[r] = row_of(gs + r, gs);
-    auto load_state = [&](const float* src, const Row& row, int64_t g) {
-      std::memset(row.u, 0, sizeof(float) * per_state);
-      if (!src) return;
-      const float* st = src + g * int64_t(dc) * dv1;
-      for (int i = 0; i < dc; ++i) {
-        std::memcpy(row.u + i * dvp, st + i * dv1, sizeof(float) * dv);
-        row.uden[i] = st[i * dv1 + dv];
-      }
-    };
-
-    // one sweep, backwards, with G = dL/dU after the chunk (in the rows' state buffers): dq, dk, dv
-    for (int r = 0; r < nr; ++r) load_state(dfinal, rows[r], gs + r);
+    // one sweep, backwards, with G = dL/dU after the chunk: dq, dk, dv
+    for (int r = 0; r < nr; ++r) {
+      std::memset(rows[r].grad, 0, sizeof(float) * per_state);
+      if (dfinal) unpack_state(dfinal + (gs + r) * int64_t(dc) * dv1, dc, int(dv), dvp, rows[r].grad, rows[r].grad_den);
+    }
     for (int64_t c = chunks - 1; c >= 0; --c) {
       const int64_t t0 = c * C;
       const int n = int(std::min<int64_t>(C, length - t0));
       for (int r = 0; r < nr; ++r) {
         const Row& row = rows[r];
-        float* gst = row.u;
-        float* gden = row.uden;
+        float* gst = row.grad;
+        float* gden = row.grad_den;
         Ahead ahead;
         if (r + 1 < nr) {
           ahead_of(rows[r + 1], c, ahead);
         } else {
           ahead_of(rows[0], c - 1, ahead);
         }
-        load_chunk(row, t0, n, q != nullptr);
+        load_chunk(row, t0, n);
         if (q) {
           // through the read of the saved state U: dfq = U g^T + u gden^T, then dq from the features
           const float* uc = saved + ((gs + r) * chunks + c) * per_state;
@@ -688,11 +689,7 @@ int jrt_based_backward_rows(int64_t g0, int64_t g1, int64_t heads, int64_t group
       }
     }
     for (int r = 0; r < nr; ++r) {
-      float* st = dstart + (gs + r) * int64_t(dc) * dv1;
-      for (int i = 0; i < dc; ++i) {
-        std::memcpy(st + i * dv1, rows[r].u + i * dvp, sizeof(float) * dv);
-        st[i * dv1 + dv] = rows[r].uden[i];
-      }
+      pack_state(rows[r].grad, rows[r].grad_den, dc, int(dv), dvp, dstart + (gs + r) * int64_t(dc) * dv1);
     }
   }
   return 0;

@@ -38,7 +38,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from jrt.ops.based.chunk import to_full, to_internal
-from jrt.ops.based.chunk_inference import single_threaded_workers
+from jrt.ops.based.chunk_inference import run_blocks
 from jrt.ops.common import State, prefix_positions
 from jrt.ops.feature_map import feature_dim
 
@@ -182,19 +182,11 @@ def _ready(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _spans(rows: int) -> list[tuple[int, int]]:
-    threads = max(1, min(torch.get_num_threads(), rows))
-    step = -(-rows // threads)
-    return [(g, min(g + step, rows)) for g in range(0, rows, step)]
-
-
-def _parallel(call: Callable[[tuple[int, int]], int], rows: int) -> None:
-    """``call(span)`` over blocks of the ``B*H`` rows, on the worker pool when there are several threads."""
-    if rows == 0:
-        return
-    spans = _spans(rows)
-    codes = list(single_threaded_workers(len(spans)).map(call, spans)) if len(spans) > 1 else [call(spans[0])]
-    if any(codes):
+def _parallel(call: Callable[[int, int], int], rows: int) -> None:
+    """``call(g0, g1)`` over one block of the ``B*H`` rows per CPU thread (the chunked form's worker pool)."""
+    step = max(1, -(-rows // max(1, min(torch.get_num_threads(), rows))))
+    spans = [(g, min(g + step, rows)) for g in range(0, rows, step)]
+    if any(run_blocks(call, spans, torch.device("cpu"))):
         raise MemoryError("the native kernel could not allocate its work buffers")
 
 
@@ -218,8 +210,8 @@ def _forward(heads: int, groups: int, eps: float, q, k, v, keep, state, den=None
     o = _empty_output(b, t, heads, dv) if q is not None else None
     qs, ks, vs, os_ = (None if x is None else _strides(x) for x in (q, k, v, o))
 
-    def call(span: tuple[int, int]) -> int:
-        return lib.jrt_based_rows(span[0], span[1], heads, groups, t, f, dv, _ptr(q), qs, _ptr(k), ks, _ptr(v), vs,
+    def call(g0: int, g1: int) -> int:
+        return lib.jrt_based_rows(g0, g1, heads, groups, t, f, dv, _ptr(q), qs, _ptr(k), ks, _ptr(v), vs,
                                   _ptr(keep), _ptr(o), os_, eps, _ptr(state), _ptr(den), _ptr(saved))
 
     _parallel(call, b * heads)
@@ -237,9 +229,9 @@ def _backward(heads: int, groups: int, eps: float, q, k, v, keep, o, den, do, sa
     dstart = torch.empty(start_shape)
     qs, ks, vs, os_, dos, dqs, dks, dvs = (None if x is None else _strides(x) for x in (q, k, v, o, do, dq, dk, dvv))
 
-    def call(span: tuple[int, int]) -> int:
+    def call(g0: int, g1: int) -> int:
         return lib.jrt_based_backward_rows(
-            span[0], span[1], heads, groups, t, f, dv, _ptr(q), qs, _ptr(k), ks, _ptr(v), vs, _ptr(keep), _ptr(o),
+            g0, g1, heads, groups, t, f, dv, _ptr(q), qs, _ptr(k), ks, _ptr(v), vs, _ptr(keep), _ptr(o),
             os_, _ptr(den), _ptr(do), dos, eps, _ptr(saved), _ptr(dfinal), _ptr(dq), dqs, _ptr(dk), dks,
             _ptr(dvv), dvs, _ptr(dstart))
 
