@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
 
@@ -105,6 +106,78 @@ def _pooled_accuracy(pools: Sequence[SyntheticBatch], model: torch.nn.Module, ba
     return hits / max(1, total)
 
 
+def _order_accuracies(groups: Sequence[tuple[dict[str, Any], SyntheticBatch]], model: torch.nn.Module,
+                      batch_size: int, device: torch.device) -> dict[str, float]:
+    """Accuracy per order (``meta["order"]``), pooled over the groups of that order: a learning-curve point."""
+    counts: dict[str, list[int]] = {}
+    for meta, data in groups:
+        h, n = evaluate(model, data, batch_size, device)
+        c = counts.setdefault(meta["order"], [0, 0])
+        c[0], c[1] = c[0] + h, c[1] + n
+    return {order: round(h / max(1, n), 5) for order, (h, n) in counts.items()}
+
+
+@dataclass
+class _RunData:
+    """The examples of one run: training pools, validation pools (model selection, ``keep_best``), curve groups
+    (per-order accuracy along training, for runs that score the final model) and test groups."""
+
+    pools: list[SyntheticBatch]
+    valid_pools: list[SyntheticBatch]
+    curve_groups: list[tuple[dict[str, Any], SyntheticBatch]]
+    test_groups: list[tuple[dict[str, Any], SyntheticBatch]]
+
+
+def _run_data(cfg: RunConfig) -> _RunData:
+    tr = cfg.train
+    pools = cfg.task.train_pools(tr.num_train, seed=cfg.seed)
+    if tr.overfit:
+        groups = [({"pair": None, "order": "train", "seen": True}, pool) for pool in pools]
+        return _RunData(pools, pools, [], groups)
+    valid_seed = cfg.seed + _VALID_SEED_OFFSET
+    valid_pools = cfg.task.train_pools(tr.num_valid, seed=valid_seed) if tr.keep_best else []
+    curve = [] if tr.keep_best or tr.eval_every >= tr.max_steps else cfg.task.test_groups(tr.num_valid, valid_seed)
+    return _RunData(pools, valid_pools, curve, cfg.task.test_groups(tr.num_test, seed=cfg.seed + _TEST_SEED_OFFSET))
+
+
+class _Selection:
+    """Model selection on the validation pools (``keep_best``): the best checkpoint, early stopping."""
+
+    def __init__(self, train: Any) -> None:
+        self.train = train
+        self.best_acc, self.best_state, self.best_step, self.bad_evals = -1.0, None, 0, 0
+
+    def update(self, acc: float, step: int, model: torch.nn.Module) -> str | None:
+        """Record one validation accuracy; return why training should stop (``"target"``/``"patience"``) or None."""
+        if acc > self.best_acc:
+            self.best_acc, self.best_step, self.bad_evals = acc, step, 0
+            self.best_state = copy.deepcopy(model.state_dict())
+        else:
+            self.bad_evals += 1
+        if self.best_acc >= self.train.target_acc:
+            return "target"
+        return "patience" if self.bad_evals >= self.train.patience else None
+
+
+def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: SyntheticBatch, grad_clip: float) -> float:
+    loss, _, _ = masked_loss_and_hits(_forward(model, batch), batch.labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return float(loss.item())
+
+
+def _score(model: torch.nn.Module, groups: Sequence[tuple[dict[str, Any], SyntheticBatch]], batch_size: int,
+           device: torch.device) -> list[dict[str, Any]]:
+    out = []
+    for meta, data in groups:
+        hits, n = evaluate(model, data, batch_size, device)
+        out.append({**meta, "hits": hits, "n": n, "accuracy": round(hits / max(1, n), 5)})
+    return out
+
+
 def train_run(
     cfg: RunConfig,
     *,
@@ -116,7 +189,10 @@ def train_run(
     """Train one config from scratch and score it per test group.
 
     Training iterates in epochs over the task's pools (SD: one pool per set-size pair, both orders mixed in
-    each; MQAR: one pool), with the optimiser and schedule of :mod:`jrt.training.optim`.
+    each; MQAR: one pool), with the optimiser and schedule of :mod:`jrt.training.optim`. Every ``eval_every``
+    steps a ``history`` entry records the running loss and either the validation accuracy (``keep_best``) or,
+    for runs that score their final model, the accuracy per order on held-out groups of the test pairs
+    (``num_valid`` examples each): the learning curve.
 
     Args:
         cfg: the run.
@@ -130,7 +206,8 @@ def train_run(
         ``style``, ``lr``, ``seed``, ``state_bytes``, ``num_params``, ``groups`` (per test group: ``pair``,
         ``order``, ``seen``, ``hits``, ``n``, ``accuracy``), ``accuracy`` (pooled over the groups),
         ``best_valid_accuracy``, ``steps``, ``steps_per_epoch``, ``seconds`` (wall), ``cpu_seconds`` (CPU time of
-        this process), ``stopped`` (``"target"``, ``"patience"`` or ``"max_steps"``) and ``history``.
+        this process), ``stopped`` (``"target"``, ``"patience"`` or ``"max_steps"``) and ``history`` (per
+        evaluation: ``step``, ``loss`` and ``valid_accuracy`` or ``valid_orders`` {order: accuracy}).
     """
     from jrt.synthetics.models import build_lab_model
     from jrt.training.optim import WarmupCosineSchedule, adamw
@@ -141,100 +218,63 @@ def train_run(
     tr = cfg.train
     torch.manual_seed(cfg.seed)
     t0, c0 = time.perf_counter(), time.process_time()
-    pools = cfg.task.train_pools(tr.num_train, seed=cfg.seed)
-    if tr.overfit:
-        valid_pools = pools
-        test_groups = [({"pair": None, "order": "train", "seen": True}, pool) for pool in pools]
-    else:
-        valid_pools = cfg.task.train_pools(tr.num_valid, seed=cfg.seed + _VALID_SEED_OFFSET) if tr.keep_best else []
-        test_groups = cfg.task.test_groups(tr.num_test, seed=cfg.seed + _TEST_SEED_OFFSET)
+    data = _run_data(cfg)
     model = build_lab_model(cfg.model, vocab_size=cfg.task.vocab_size, seq_len=cfg.task.seq_len).to(dev)
-    state_bytes = int(model.state_size_bytes(cfg.task.seq_len))
-    num_params = sum(p.numel() for p in model.parameters())
     opt = adamw(model, tr.lr, tr.weight_decay, tuple(tr.betas), grouped=tr.grouped_decay, decay_embeddings=False)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(cfg.seed + 17)
-    steps_per_epoch = sum(math.ceil(len(p) / tr.batch_size) for p in pools)
+    steps_per_epoch = sum(math.ceil(len(p) / tr.batch_size) for p in data.pools)
     schedule = WarmupCosineSchedule(
         opt, tr.lr, tr.lr * tr.min_lr_ratio, tr.warmup_steps, tr.max_steps,
         steps_per_epoch=steps_per_epoch if tr.schedule == "epoch_cosine" else None,
     )
     eval_bs = max(tr.batch_size, 256)
-    best_acc, best_state, best_step, bad_evals = -1.0, None, 0, 0
-    history: list[dict[str, float]] = []
-    stopped = "max_steps"
-    step = 0
-    running_loss = 0.0
+    selection = _Selection(tr)
+    history: list[dict[str, Any]] = []
+    stopped, step, running_loss = "max_steps", 0, 0.0
     batches: list[tuple[int, torch.Tensor]] = []
     bar = tqdm(total=tr.max_steps, desc=cfg.describe(), disable=not progress, leave=False, dynamic_ncols=True)
     model.train()
     for step in range(1, tr.max_steps + 1):
         schedule.apply(step - 1)
         if not batches:
-            batches = epoch_batches(pools, tr.batch_size, gen)
+            batches = epoch_batches(data.pools, tr.batch_size, gen)
         pool_idx, rows = batches.pop()
-        batch = pools[pool_idx].index(rows).to(dev)
-        loss, _, _ = masked_loss_and_hits(_forward(model, batch), batch.labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tr.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
-        opt.step()
-        loss_value = loss.item()
+        loss_value = _train_step(model, opt, data.pools[pool_idx].index(rows).to(dev), tr.grad_clip)
         running_loss = 0.9 * running_loss + 0.1 * loss_value if step > 1 else loss_value
         bar.update(1)
-        if step % tr.eval_every == 0 or step == tr.max_steps:
-            entry = {"step": step, "loss": round(running_loss, 5)}
-            if tr.keep_best:
-                acc = _pooled_accuracy(valid_pools, model, eval_bs, dev)
-                entry["valid_accuracy"] = round(acc, 5)
-                bar.set_postfix(loss=f"{running_loss:.3f}", valid=f"{acc:.3f}")
-                if acc > best_acc:
-                    best_acc, best_step, bad_evals = acc, step, 0
-                    best_state = copy.deepcopy(model.state_dict())
-                else:
-                    bad_evals += 1
-            history.append(entry)
-            if tr.keep_best and best_acc >= tr.target_acc:
-                stopped = "target"
-                break
-            if tr.keep_best and bad_evals >= tr.patience:
-                stopped = "patience"
+        if step % tr.eval_every and step != tr.max_steps:
+            continue
+        entry: dict[str, Any] = {"step": step, "loss": round(running_loss, 5)}
+        history.append(entry)
+        if data.curve_groups:
+            entry["valid_orders"] = _order_accuracies(data.curve_groups, model, eval_bs, dev)
+            bar.set_postfix(loss=f"{running_loss:.3f}", **entry["valid_orders"])
+        if tr.keep_best:
+            entry["valid_accuracy"] = round(_pooled_accuracy(data.valid_pools, model, eval_bs, dev), 5)
+            bar.set_postfix(loss=f"{running_loss:.3f}", valid=f"{entry['valid_accuracy']:.3f}")
+            reason = selection.update(entry["valid_accuracy"], step, model)
+            if reason is not None:
+                stopped = reason
                 break
     bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    groups = []
-    for meta, data in test_groups:
-        hits, n = evaluate(model, data, eval_bs, dev)
-        groups.append({**meta, "hits": hits, "n": n, "accuracy": round(hits / max(1, n), 5)})
+    if selection.best_state is not None:
+        model.load_state_dict(selection.best_state)
+    groups = _score(model, data.test_groups, eval_bs, dev)
     test_acc = sum(g["hits"] for g in groups) / max(1, sum(g["n"] for g in groups))
-    seconds = time.perf_counter() - t0
-    cpu_seconds = time.process_time() - c0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     if log is not None:
         log(f"{cfg.describe()}: test accuracy {test_acc:.3f} after {step} steps ({stopped}, {seconds:.1f} s)")
     return {
-        "run_id": cfg.run_id(),
-        "experiment": cfg.experiment,
-        "model": cfg.model_name,
-        "order": cfg.task.order_label,
-        "style": cfg.model.style,
-        "lr": tr.lr,
-        "seed": cfg.seed,
-        "config": cfg.to_dict(),
-        "state_bytes": state_bytes,
-        "num_params": int(num_params),
-        "groups": groups,
+        "run_id": cfg.run_id(), "experiment": cfg.experiment, "model": cfg.model_name,
+        "order": cfg.task.order_label, "style": cfg.model.style, "lr": tr.lr, "seed": cfg.seed,
+        "config": cfg.to_dict(), "state_bytes": int(model.state_size_bytes(cfg.task.seq_len)),
+        "num_params": int(sum(p.numel() for p in model.parameters())), "groups": groups,
         "accuracy": round(test_acc, 5),
-        "best_valid_accuracy": round(best_acc, 5) if tr.keep_best else None,
-        "best_step": best_step if tr.keep_best else step,
-        "steps": step,
-        "steps_per_epoch": steps_per_epoch,
-        "stopped": stopped,
-        "seconds": round(seconds, 2),
-        "cpu_seconds": round(cpu_seconds, 2),
-        "device": str(dev),
-        "history": history,
+        "best_valid_accuracy": round(selection.best_acc, 5) if tr.keep_best else None,
+        "best_step": selection.best_step if tr.keep_best else step, "steps": step,
+        "steps_per_epoch": steps_per_epoch, "stopped": stopped, "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2), "device": str(dev), "history": history,
     }
 
 
