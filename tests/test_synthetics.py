@@ -450,6 +450,56 @@ def test_report_selects_runs_both_ways_and_judges_from_the_numbers(tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_sd_verdicts_need_the_floor_cleared_and_a_remedy_may_be_a_third_of_the_gap(tmp_path):
+    from jrt.synthetics.report import write_report
+
+    # pair (4, 16): floors 1/16 = 6.25 % short first, 1/4 = 25 % long first
+    results = [
+        _sd_fake("based", 5e-4, 0, 0.60, 0.30), _sd_fake("based", 5e-4, 1, 0.64, 0.26),  # gap +34: held
+        _sd_fake("based_twice", 5e-4, 0, 0.70, 0.62),  # gap +8 <= 34 / 3, though its interval leaves +-3
+        _sd_fake("jrt_rnn", 5e-4, 0, 0.70, 0.50),  # gap +20: not shown
+        _sd_fake("based_noncausal", 5e-4, 0, 0.50, 0.33),  # long first within 10 points of its 25 % floor
+        _sd_fake("based", 5e-4, 0, 0.12, 0.25, state=2000),  # short first 12 %: too near its floor to judge
+    ]
+    summary = write_report(results, tmp_path)
+    verdicts = {(c["model"], c["state_bytes"]): c["verdict"] for c in summary["checks"]}
+    assert verdicts == {("based", 1000): "held", ("based_twice", 1000): "held", ("jrt_rnn", 1000): "not shown",
+                        ("based_noncausal", 1000): "inconclusive", ("based", 2000): "inconclusive"}
+    row = next(r for r in summary["sd"] if r["model"] == "based" and r["state_bytes"] == 1000)
+    assert row["short_first_floor"] == pytest.approx(6.25) and row["long_first_floor"] == pytest.approx(25.0)
+    assert row["seed_gaps"] == [pytest.approx(30.0), pytest.approx(38.0)]
+    check = next(c for c in summary["checks"] if c["model"] == "based" and c["state_bytes"] == 1000)
+    assert "per seed +30.0, +38.0" in check["measured"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| expected (from the paper) |" in report and "not tested by this run" not in report
+
+
+def test_sd_learning_curves_are_summarised_and_plotted(tmp_path):
+    from jrt.synthetics.report import write_report
+
+    runs = [_sd_fake("based", 5e-4, seed, 0.6, 0.3) for seed in (0, 1)]
+    for seed, r in enumerate(runs):
+        r["history"] = [{"step": s, "loss": 1.0, "valid_orders": {"short_first": 0.1 * s + 0.1 * seed,
+                                                                    "long_first": 0.05 * s}} for s in (1, 2)]
+    summary = write_report(runs, tmp_path)
+    curve = summary["sd_curves"][1000]["based"]
+    assert curve["steps"] == [1, 2]
+    assert curve["short_first"] == [pytest.approx(15.0), pytest.approx(25.0)]  # mean over the two seeds
+    assert curve["long_first"] == [pytest.approx(5.0), pytest.approx(10.0)]
+    assert (tmp_path / "sd_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "sd_curves.png" in (tmp_path / "report.md").read_text()
+
+
+def test_trainer_records_per_order_learning_curves():
+    sd = SDTask(pairs=((2, 3),), test_pairs=((2, 3),), vocab_size=24)
+    tr = TrainSpec.authors(lr=5e-3, max_steps=4, num_train=16, num_test=8, eval_every=2)
+    result = train_run(RunConfig("sd", "based", sd, ModelSpec.authors("based", 16, 2), tr), progress=False)
+    assert [h["step"] for h in result["history"]] == [2, 4]
+    for h in result["history"]:
+        assert set(h["valid_orders"]) == {"short_first", "long_first"}
+        assert all(0.0 <= a <= 1.0 for a in h["valid_orders"].values())
+
+
 def test_tiny_grid_end_to_end_report_verdicts_come_from_its_results(tmp_path, monkeypatch, capsys):
     import jrt.synthetics.cli as C
     from jrt.cli import main
@@ -476,8 +526,17 @@ def test_tiny_grid_end_to_end_report_verdicts_come_from_its_results(tmp_path, mo
 
     # every verdict line of the report is recomputed here from the run's own results
     by = {(r["experiment"], r["model"]): r for r in results}
+    from jrt.synthetics.report import EXTENSION_HEADER, untested_note
+
+    note = untested_note(summary["checks"])  # a run that can test no SD claim says so once
+    assert (note is None) == any(c["verdict"] != "inconclusive" for c in summary["checks"] if c["experiment"] == "sd")
+    if note is not None:
+        assert note in report and "--medium" in note
+    assert f"| {EXTENSION_HEADER} |" in report  # MQAR rows are labelled as the project's own question
     for check in summary["checks"]:
-        assert f"| {check['claim']} | {check['measured']} | **{check['verdict']}** |" in report
+        assert check["source"] == ("paper" if check["experiment"] == "sd" else "extension")
+        if note is None or check["experiment"] == "mqar":
+            assert f"| {check['claim']} | {check['measured']} | **{check['verdict']}** |" in report
         if check["experiment"] == "mqar":
             a, b = by[("mqar", "based_twice")]["groups"][0], by[("mqar", "based")]["groups"][0]
             lo, hi = newcombe(a["hits"], a["n"], b["hits"], b["n"])

@@ -205,6 +205,28 @@ def sd_first_sizes(input_ids: torch.Tensor) -> torch.Tensor:
     return (input_ids == SEP_B).int().argmax(dim=1) - 1
 
 
+def sd_prediction_sets(input_ids: torch.Tensor, predictions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where SD answers come from: whether each predicted token is in the first set read and in the second.
+
+    Args:
+        input_ids: SD sequences ``[N, T]`` (single or read twice: the sets of the first read are used).
+        predictions: the predicted answer token per row, ``[N]``.
+
+    Returns:
+        ``(in_first, in_second)``, bool ``[N]`` each (the right answer is in both).
+    """
+    t = input_ids.shape[1]
+    pos = torch.arange(t, device=input_ids.device)
+    first_b = (input_ids == SEP_B).int().argmax(dim=1, keepdim=True)
+    after_b = pos > first_b
+    ends = ((input_ids == SEP_A) | (input_ids == SEP_QUERY)) & after_b
+    end = torch.where(ends.any(dim=1, keepdim=True), ends.int().argmax(dim=1, keepdim=True), t)
+    match = input_ids == predictions[:, None]
+    in_first = (match & (pos > 0) & (pos < first_b)).any(dim=1)
+    in_second = (match & after_b & (pos < end)).any(dim=1)
+    return in_first, in_second
+
+
 def mqar_seq_len(num_pairs: int, seq_len: int, read_twice: bool = False) -> int:
     """Length of an MQAR sequence: ``seq_len``, plus ``2 * num_pairs`` when read twice."""
     return seq_len + (2 * num_pairs if read_twice else 0)

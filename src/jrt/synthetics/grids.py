@@ -31,7 +31,7 @@ from jrt.synthetics.config import (
     TrainSpec,
 )
 
-GRID_NAMES = ("quick", "full")
+GRID_NAMES = ("quick", "medium", "full")
 #: SD model names -> (arch, read twice).
 SD_MODELS = {"based": ("based", False), "based_twice": ("based", True),
              "based_noncausal": ("based_noncausal", False), "jrt_rnn": ("jrt_rnn", False)}
@@ -68,6 +68,8 @@ class GridPlan:
     sd_epochs: int | None  # the run length in epochs, or
     sd_steps: int | None  # in steps
     sd_style: str = "authors"
+    sd_curve_points: int = 0  # learning-curve evaluations per run (0: the final model only)
+    sd_num_valid: int = 0  # held-out examples per test pair and order for each curve point
 
 
 QUICK = GridPlan(
@@ -124,7 +126,10 @@ def sd_grid(plan: GridPlan) -> Grid:
     for seed in plan.sd_seeds:
         for lr in plan.sd_lrs:
             train = TrainSpec.authors(lr=lr, max_steps=steps, num_train=plan.sd_num_train,
-                                      num_test=plan.sd_num_test)
+                                      num_test=plan.sd_num_test,
+                                      eval_every=steps // plan.sd_curve_points if plan.sd_curve_points else None)
+            if plan.sd_curve_points:
+                train = replace(train, num_valid=plan.sd_num_valid)
             for d, f in plan.sd_sizes:
                 for name in plan.sd_models:
                     arch, twice = SD_MODELS[name]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from jrt.jsonl import append_jsonl, read_jsonl
 from jrt.synthetics.config import RunConfig
-from jrt.synthetics.data import IGNORE_INDEX, SyntheticBatch
+from jrt.synthetics.data import IGNORE_INDEX, SyntheticBatch, sd_prediction_sets
 
 #: Seed offsets that keep the train, validation and test sets of one run disjoint streams.
 _VALID_SEED_OFFSET = 1_000_003
@@ -169,12 +169,31 @@ def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Synth
     return float(loss.item())
 
 
+@torch.no_grad()
+def sd_answer_sources(model: torch.nn.Module, data: SyntheticBatch, batch_size: int,
+                      device: torch.device) -> tuple[int, int]:
+    """How many of the model's SD answers are tokens of the first set read, and of the second (the right answer
+    is in both): a model that only guesses among the short set scores about ``1/|short|`` in either order."""
+    was_training = model.training
+    model.eval()
+    first = second = 0
+    for start in range(0, len(data), batch_size):
+        chunk = data.slice(start, start + batch_size).to(device)
+        pred = _forward(model, chunk)[:, -1].argmax(dim=-1)
+        in_first, in_second = sd_prediction_sets(chunk.input_ids, pred)
+        first, second = first + int(in_first.sum()), second + int(in_second.sum())
+    model.train(was_training)
+    return first, second
+
+
 def _score(model: torch.nn.Module, groups: Sequence[tuple[dict[str, Any], SyntheticBatch]], batch_size: int,
-           device: torch.device) -> list[dict[str, Any]]:
+           device: torch.device, experiment: str) -> list[dict[str, Any]]:
     out = []
     for meta, data in groups:
         hits, n = evaluate(model, data, batch_size, device)
         out.append({**meta, "hits": hits, "n": n, "accuracy": round(hits / max(1, n), 5)})
+        if experiment == "sd" and meta["pair"] is not None:
+            out[-1]["in_first"], out[-1]["in_second"] = sd_answer_sources(model, data, batch_size, device)
     return out
 
 
@@ -260,7 +279,7 @@ def train_run(
     bar.close()
     if selection.best_state is not None:
         model.load_state_dict(selection.best_state)
-    groups = _score(model, data.test_groups, eval_bs, dev)
+    groups = _score(model, data.test_groups, eval_bs, dev, cfg.experiment)
     test_acc = sum(g["hits"] for g in groups) / max(1, sum(g["n"] for g in groups))
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     if log is not None:
@@ -342,7 +361,8 @@ def run_grid(
         append_result(results_path, result)
         done[result["run_id"]] = result
         bar.update(1)
-        say(f"[{len(done)}/{len(unique)}] {result['model']} {result['order']} state {result['state_bytes']} B: "
+        finished = sum(rid in done for rid in unique)
+        say(f"[{finished}/{len(unique)}] {result['model']} {result['order']} state {result['state_bytes']} B: "
             f"accuracy {result['accuracy']:.3f} ({result['stopped']} at step {result['steps']}, "
             f"{result['seconds']:.0f} s)")
 
