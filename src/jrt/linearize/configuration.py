@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
@@ -84,8 +83,3 @@ class LinearizedConfig(PretrainedConfig):
         """The teacher's configuration object (``LlamaConfig``, ``MistralConfig`` or ``Qwen2Config``)."""
         fields = {k: v for k, v in self.teacher.items() if k != "model_type"}
         return AutoConfig.for_model(self.teacher["model_type"], **fields)
-
-
-# Importing the configuration also imports the model classes, which register both with the Auto factories (the
-# model module imports this one: when it is the one being imported, this returns the partial module).
-importlib.import_module("jrt.linearize.modeling")

@@ -451,11 +451,3 @@ class JRTForCausalLM(CausalLMHead, JRTPreTrainedModel, GenerationMixin):
     def _reorder_cache(self, past_key_values: JRTCache, beam_idx: torch.Tensor) -> JRTCache:
         past_key_values.reorder_cache(beam_idx)
         return past_key_values
-
-    @classmethod
-    def from_official(cls, source: str, **kwargs: Any) -> JRTForCausalLM:
-        """Load the authors' checkpoint (a folder or Hub id with ``config.json`` and ``pytorch_model.bin`` or
-        safetensors); see :func:`jrt.models.convert.load_official`."""
-        from jrt.models.convert import load_official
-
-        return load_official(source, **kwargs)
