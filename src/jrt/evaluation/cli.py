@@ -71,14 +71,14 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from jrt.evaluation import distributed
-    from jrt.evaluation.models import (
+    from jrt.evaluation.runner import EvalConfig, evaluate, format_table
+    from jrt.models.loading import (
         load_model,
         load_tokenizer,
         model_max_length,
         offline_gpt2_tokenizer,
         resolve_model_source,
     )
-    from jrt.evaluation.runner import EvalConfig, evaluate, format_table
 
     hf_logging.set_verbosity_error()
     if args.no_progress:  # also transformers' "Loading weights" bar and the Hub's download bars

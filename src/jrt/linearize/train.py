@@ -98,7 +98,7 @@ def resolve_teacher(name: str, gguf_file: str | None = None) -> tuple[str, str |
     from its configuration alone that it is a supported family (one-line ``ValueError`` otherwise)."""
     from transformers import AutoConfig
 
-    from jrt.evaluation.models import resolve_model_source
+    from jrt.models.loading import resolve_model_source
 
     source, gguf = resolve_model_source(name, gguf_file)
     try:
@@ -112,7 +112,7 @@ def resolve_teacher(name: str, gguf_file: str | None = None) -> tuple[str, str |
 
 def load_teacher_tokenizer(name: str, gguf_file: str | None = None) -> Any:
     """The teacher's tokenizer (for ``jrt data prepare --tokenizer``)."""
-    from jrt.evaluation.models import load_tokenizer
+    from jrt.models.loading import load_tokenizer
 
     return load_tokenizer(*resolve_teacher(name, gguf_file))
 
@@ -120,7 +120,7 @@ def load_teacher_tokenizer(name: str, gguf_file: str | None = None) -> Any:
 def load_teacher(name: str, gguf_file: str | None = None) -> tuple[nn.Module, Any]:
     """The teacher causal LM (float32, eval, frozen) and its tokenizer; unsupported architectures are refused
     before any weight is loaded."""
-    from jrt.evaluation.models import load_model, load_tokenizer
+    from jrt.models.loading import load_model, load_tokenizer
 
     source, gguf = resolve_teacher(name, gguf_file)
     model = load_model(source, gguf, dtype="float32")

@@ -20,6 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jrt.models.factory import (
+    build_model,
+    count_parameters,
+    default_objective,
+    forward_logits,
+    mask_token_id,
+    vocab_size,
+)
 from jrt.training import checkpoint as ckpt
 from jrt.training.config import TrainConfig
 from jrt.training.data import BatchSampler, TokenDataset, read_index
@@ -34,14 +42,6 @@ from jrt.training.distributed import (
     wrap_model,
 )
 from jrt.training.metrics import METRICS_FILE, MetricsLogger, format_duration, truncate_metrics
-from jrt.training.models import (
-    build_model,
-    count_parameters,
-    default_objective,
-    forward_logits,
-    mask_token_id,
-    vocab_size,
-)
 from jrt.training.objective import IGNORE, ObjectiveBatch, make_batch, objective_loss
 from jrt.training.optim import WarmupCosineSchedule, build_optimizer
 
