@@ -217,3 +217,11 @@ def test_the_design_table_lists_the_packages_in_this_order():
     text = (SRC.parents[1] / "docs" / "design.md").read_text()
     rows = [line.split("|")[1].strip().strip("`") for line in text.splitlines() if line.startswith("| `jrt.")]
     assert [r.removeprefix("jrt.") for r in rows] == list(PACKAGE_ORDER)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.startswith("jrt.models")))
+def test_no_private_name_of_jrt_models_is_imported_from_outside(module):
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jrt.models"):
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            assert not private, f"{module} imports the private {', '.join(private)} from {node.module}"

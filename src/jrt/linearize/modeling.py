@@ -27,13 +27,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from jrt.linearize.configuration import SUPPORTED_FAMILIES, LinearizedConfig
-from jrt.models.modeling_jrt import CausalLMHead, JRTCache, JRTForCausalLM, JRTModel, _output
+from jrt.models.recurrent import (
+    TRANSFORMERS_5,
+    CausalLMHead,
+    JRTCache,
+    RecurrentPreTrainedModel,
+    check_cache,
+    model_output,
+    new_token_mask,
+    update_cache_counts,
+)
 from jrt.ops import (
     RingBuffer,
     feature_dim,
@@ -43,8 +51,6 @@ from jrt.ops import (
     sliding_window_attention,
     sliding_window_decode_step,
 )
-
-_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 def family_classes(model_type: str) -> dict[str, Any]:
@@ -306,11 +312,9 @@ class LinearizedDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden)), loss
 
 
-class LinearizedPreTrainedModel(PreTrainedModel):
+class LinearizedPreTrainedModel(RecurrentPreTrainedModel):
     config_class = LinearizedConfig
-    base_model_prefix = "model"
     _no_split_modules = ["LinearizedDecoderLayer"]
-    _is_stateful = True
 
     def _init_weights(self, module: nn.Module) -> None:
         """``transformers``' default init (normal linear/embedding weights, unit norms, the rotary buffers; every
@@ -321,27 +325,6 @@ class LinearizedPreTrainedModel(PreTrainedModel):
                 module.reset_feature_maps(torch.Generator().manual_seed(1234 + module.layer_idx))
             return
         super()._init_weights(module)
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the model builds its own recurrent cache
-
-    def _backbone(self) -> LinearizedModel:
-        return self if isinstance(self, LinearizedModel) else self.model
-
-    def make_cache(self, batch_size: int, device: torch.device | str | None = None) -> JRTCache:
-        """An empty recurrent cache (:class:`jrt.models.JRTCache` of :class:`LinearizedState`) for ``batch_size``."""
-        backbone = self._backbone()
-        device = device if device is not None else backbone.embed_tokens.weight.device
-        return JRTCache([layer.self_attn.empty_state(batch_size) for layer in backbone.layers], batch_size, device)
-
-    def state_size_bytes(self, batch: int = 1, context_length: int | None = None) -> int:
-        """Bytes of the decoding state for ``batch`` sequences: the same at every context length."""
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int, got {batch!r}")
-        dtype = self._backbone().embed_tokens.weight.dtype
-        return sum(layer.self_attn.state_size_bytes(batch, dtype, context_length)
-                   for layer in self._backbone().layers)
 
 
 class LinearizedModel(LinearizedPreTrainedModel):
@@ -360,6 +343,9 @@ class LinearizedModel(LinearizedPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def layer_mixers(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.layers]
 
     def forward(
         self,
@@ -385,10 +371,9 @@ class LinearizedModel(LinearizedPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = hidden.shape[:2]
-        if cache is not None and cache.batch_size != b:
-            raise ValueError(f"the cache holds {cache.batch_size} sequences but the input has {b}")
+        check_cache(cache, b)
         past = cache.num_positions if cache is not None else 0
-        mask = JRTModel._new_token_mask(attention_mask, b, t, past, hidden.device)
+        mask = new_token_mask(attention_mask, b, t, past, hidden.device)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and not transfer
         if use_cache and cache is None:
@@ -410,17 +395,15 @@ class LinearizedModel(LinearizedPreTrainedModel):
             if loss is not None:
                 losses.append(loss)
         hidden = self.norm(hidden)
-        if cache is not None:
-            cache.num_positions += t
-            cache.seen_tokens = cache.seen_tokens.to(hidden.device) + (mask.long().sum(-1) if mask is not None else t)
-        return _output(BaseModelOutputWithPast, last_hidden_state=hidden, cache=cache if use_cache else None,
+        update_cache_counts(cache, mask, t, hidden.device)
+        return model_output(BaseModelOutputWithPast, last_hidden_state=hidden, cache=cache if use_cache else None,
                        attentions=tuple(losses) if transfer else None)
 
 
 class LinearizedForCausalLM(CausalLMHead, LinearizedPreTrainedModel, GenerationMixin):
     """The linearized student LM (``generate()`` with a constant-size recurrent cache)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_5 else ["lm_head.weight"]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"} if TRANSFORMERS_5 else ["lm_head.weight"]
 
     def __init__(self, config: LinearizedConfig) -> None:
         super().__init__(config)
@@ -448,9 +431,6 @@ class LinearizedForCausalLM(CausalLMHead, LinearizedPreTrainedModel, GenerationM
                              cache=cache if cache is not None else past_key_values, use_cache=use_cache,
                              inputs_embeds=inputs_embeds)
         return self.head(outputs, labels, logits_to_keep, return_dict)
-
-    prepare_inputs_for_generation = JRTForCausalLM.prepare_inputs_for_generation
-    _reorder_cache = JRTForCausalLM._reorder_cache
 
 
 def register_auto_classes() -> None:
