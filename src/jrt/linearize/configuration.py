@@ -7,6 +7,8 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from jrt.ops.common import check_impl
+
 #: Teacher ``model_type`` -> class-name prefix in ``transformers.models.<type>.modeling_<type>`` (SmolLM2 is
 #: a ``llama``).
 SUPPORTED_FAMILIES: dict[str, str] = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
@@ -37,6 +39,8 @@ class LinearizedConfig(PretrainedConfig):
         max_prefix_length: cap of the default prefix (the prompt) in ``jrt`` mode.
         linear_attention_eps: denominator epsilon of the linear attention.
         mask_token_id: the masked-LM input id of the ``jrt`` objective.
+        ops_impl: implementation of the linear-attention operators (as ``JRTConfig.ops_impl``: ``"auto"``,
+            ``"chunk"``, ``"reference"``, ``"recurrent"``, ``"triton"``; ``$JRT_OPS_IMPL`` overrides ``"auto"``).
     """
 
     model_type = "jrt_linearized"
@@ -51,6 +55,7 @@ class LinearizedConfig(PretrainedConfig):
         linear_attention_eps: float = 1e-6,
         mask_token_id: int | None = None,
         use_cache: bool = True,
+        ops_impl: str = "auto",
         **kwargs: Any,
     ) -> None:
         teacher = copy.deepcopy(teacher) if teacher is not None else {"model_type": "llama"}
@@ -69,6 +74,7 @@ class LinearizedConfig(PretrainedConfig):
         self.max_prefix_length = max_prefix_length
         self.linear_attention_eps = linear_attention_eps
         self.mask_token_id = mask_token_id
+        self.ops_impl = check_impl(ops_impl)
         self.use_cache = use_cache
         tc = self.teacher_config
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
@@ -77,6 +83,11 @@ class LinearizedConfig(PretrainedConfig):
         for name in ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
             kwargs.setdefault(name, getattr(tc, name, None))
         super().__init__(**kwargs)
+
+    @property
+    def reads_prefix(self) -> bool:
+        """Whether the student reads a non-causal prefix (``mode="jrt"``) rather than only causally (``based``)."""
+        return self.mode == "jrt"
 
     @property
     def teacher_config(self) -> PretrainedConfig:

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from jrt.layers import default_prefix_lengths
 from jrt.linearize.configuration import SUPPORTED_FAMILIES, LinearizedConfig
 from jrt.models.recurrent import (
     TRANSFORMERS_5,
@@ -110,14 +111,15 @@ class LinearizedAttention(nn.Module):
         self.groups = self.num_heads // self.num_kv_heads
         self.feature = config.feature_dim
         self.window = config.window
-        self.mode = config.mode
+        self.reads_prefix = config.reads_prefix
+        self.impl = config.ops_impl
         self.eps = config.linear_attention_eps
         self.rotary = classes["RotaryEmbedding"](tc)
         self._apply_rotary = classes["apply_rotary_pos_emb"]
         self.feature_q = nn.Parameter(torch.empty(self.num_heads, self.head_dim, self.feature))
         self.feature_k = nn.Parameter(torch.empty(self.num_kv_heads, self.head_dim, self.feature))
         self.window_gate = nn.Parameter(torch.zeros(self.num_heads)) if self.window else None
-        if self.mode == "jrt":
+        if self.reads_prefix:
             self.k_enc_proj = nn.Linear(tc.hidden_size, self.num_kv_heads * self.head_dim,
                                         bias=self.k_proj.bias is not None)
             self.v_enc_proj = nn.Linear(tc.hidden_size, self.num_kv_heads * self.head_dim,
@@ -143,7 +145,7 @@ class LinearizedAttention(nn.Module):
     @torch.no_grad()
     def copy_encoder_from_teacher(self) -> None:
         """``jrt`` mode: the encoder projections start as copies of the teacher's key/value projections."""
-        if self.mode != "jrt":
+        if not self.reads_prefix:
             return
         for enc, src in ((self.k_enc_proj, self.k_proj), (self.v_enc_proj, self.v_proj)):
             enc.weight.copy_(src.weight)
@@ -216,17 +218,17 @@ class LinearizedAttention(nn.Module):
         kf = self._features(k, self.feature_k)
         initial = None if fresh else state.linear
         want_state = state is not None
-        if self.mode == "jrt" and fresh and prefix_lengths is not None and bool((prefix_lengths > 0).any()):
+        if self.reads_prefix and fresh and prefix_lengths is not None and bool((prefix_lengths > 0).any()):
             cos, sin = cos_sin
             k_enc = self._rotate_project(self.k_enc_proj, x, self.num_kv_heads, cos, sin)
             v_enc = self.v_enc_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
             o_lin, lin_state = prefix_linear_attention(
                 qf, kf, v, self._features(k_enc, self.feature_k), v_enc,
-                prefix_lengths, attention_mask=mask, output_final_state=want_state, eps=self.eps,
+                prefix_lengths, attention_mask=mask, output_final_state=want_state, eps=self.eps, impl=self.impl,
             )
         else:
             o_lin, lin_state = linear_attention(qf, kf, v, initial_state=initial, output_final_state=want_state,
-                                                eps=self.eps, attention_mask=mask)
+                                                eps=self.eps, attention_mask=mask, impl=self.impl)
         if not self.window:
             o = o_lin
         else:
@@ -380,10 +382,9 @@ class LinearizedModel(LinearizedPreTrainedModel):
             cache = self.make_cache(b, hidden.device)
         if cache is not None and not cache.is_empty:
             prefix_lengths = None
-        elif self.config.mode == "jrt" and not transfer:
+        elif self.config.reads_prefix and not transfer:
             if prefix_lengths is None:
-                real = mask.long().sum(-1) if mask is not None else torch.full((b,), t, device=hidden.device)
-                prefix_lengths = real.clamp_max(self.config.max_prefix_length)
+                prefix_lengths = default_prefix_lengths(b, t, mask, self.config.max_prefix_length, hidden.device)
             else:
                 prefix_lengths = torch.as_tensor(prefix_lengths, device=hidden.device).long().expand(b)
         else:

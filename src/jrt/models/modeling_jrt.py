@@ -8,7 +8,8 @@ the model never looks at mixer names.
 
 Prefix: on the first call of a sequence, each PLA layer reads the first ``M_b`` real tokens non-causally;
 ``prefix_lengths`` sets ``M_b`` per sequence, by default the whole prompt capped at ``config.max_prefix_length``
-(the rules live in :class:`jrt.layers.PrefixLinearAttention`; the model passes ``prefix_lengths`` through).
+(the rule is :func:`jrt.layers.default_prefix_lengths`, applied by :class:`jrt.layers.PrefixLinearAttention`; the
+model passes ``prefix_lengths`` through).
 """
 
 from __future__ import annotations
