@@ -151,6 +151,30 @@ class JRTModel(JRTPreTrainedModel):
             ``BaseModelOutputWithPast`` with ``last_hidden_state [B, T, d]`` and the cache.
         """
         cache = cache if cache is not None else past_key_values
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
+        b, t = inputs_embeds.shape[:2]
+        check_cache(cache, b)
+        past = cache.num_positions if cache is not None else 0
+        mask = new_token_mask(attention_mask, b, t, past, inputs_embeds.device)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = self.make_cache(b, inputs_embeds.device)
+
+        all_hidden = [] if output_hidden_states else None
+        hidden = self._run_blocks(inputs_embeds, mask, prefix_lengths, cache, all_hidden)
+        update_cache_counts(cache, mask, t, hidden.device)
+        returned_cache = cache if use_cache else None
+        if return_dict is False:
+            return tuple(x for x in (hidden, returned_cache, all_hidden) if x is not None)
+        return model_output(
+            BaseModelOutputWithPast, last_hidden_state=hidden, cache=returned_cache,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+    def _embed(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Step 1: the checked input embeddings ``[B, T, d]`` of ``input_ids [B, T]`` (or ``inputs_embeds`` as
+        given)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -160,22 +184,19 @@ class JRTModel(JRTPreTrainedModel):
             raise ValueError(
                 f"inputs_embeds must have shape [B, T, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}"
             )
-        b, t = inputs_embeds.shape[:2]
-        if t < 1:
+        if inputs_embeds.shape[1] < 1:
             raise ValueError("the input must hold at least one position")
-        check_cache(cache, b)
-        past = cache.num_positions if cache is not None else 0
-        mask = new_token_mask(attention_mask, b, t, past, inputs_embeds.device)
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        if use_cache and cache is None:
-            cache = self.make_cache(b, inputs_embeds.device)
+        return inputs_embeds
 
+    def _run_blocks(self, inputs_embeds: torch.Tensor, mask: torch.Tensor | None, prefix_lengths: Any,
+                    cache: JRTCache | None, all_hidden: list[torch.Tensor] | None) -> torch.Tensor:
+        """Step 2: the blocks and the final norm over ``inputs_embeds [B, T, d]`` with the new-token ``mask [B, T]``
+        (each block's state from ``cache``, updated in place); appends each block's input and the output to
+        ``all_hidden`` when given. Returns ``[B, T, d]``."""
         if self.config.residual_in_fp32:  # float32 residual stream for bf16/fp16 models (float64 stays float64)
             hidden = inputs_embeds.to(torch.promote_types(inputs_embeds.dtype, torch.float32))
         else:
             hidden = inputs_embeds
-        all_hidden = [] if output_hidden_states else None
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
             if all_hidden is not None:
@@ -190,14 +211,8 @@ class JRTModel(JRTPreTrainedModel):
         hidden = self.norm_f(hidden.to(self.norm_f.weight.dtype))
         if all_hidden is not None:
             all_hidden.append(hidden)
-        update_cache_counts(cache, mask, t, hidden.device)
-        returned_cache = cache if use_cache else None
-        if return_dict is False:
-            return tuple(x for x in (hidden, returned_cache, all_hidden) if x is not None)
-        return model_output(
-            BaseModelOutputWithPast, last_hidden_state=hidden, cache=returned_cache,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-        )
+        return hidden
+
 
 class JRTForCausalLM(CausalLMHead, JRTPreTrainedModel, GenerationMixin):
     """JRT-RNN language model: :class:`JRTModel` plus the (tied) LM head; works with ``generate()``."""
