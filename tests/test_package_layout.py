@@ -225,3 +225,16 @@ def test_no_private_name_of_jrt_models_is_imported_from_outside(module):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jrt.models"):
             private = [a.name for a in node.names if a.name.startswith("_")]
             assert not private, f"{module} imports the private {', '.join(private)} from {node.module}"
+
+
+#: The packages whose functions do one job each (issue 20): none is longer than this many lines.
+MAX_FUNCTION_LINES = 60
+
+
+@pytest.mark.parametrize("package", ["models", "linearize", "evaluation"])
+def test_no_function_over_60_lines(package):
+    for path in sorted((SRC / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                assert lines <= MAX_FUNCTION_LINES, f"{_module_name(path)}.{node.name}: {lines} lines"
