@@ -25,6 +25,7 @@ OPS_RANKS = {
     "jrt.ops.triton": 5,
     "jrt.ops.triton._kernels": 5,
     "jrt.ops.triton._common": 5,
+    "jrt.ops.triton._jit_helpers": 5,
     "jrt.ops.triton._ops": 5,
     "jrt.ops.triton._backward_kernels": 5,
     "jrt.ops.triton._backward": 5,
