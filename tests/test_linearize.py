@@ -26,7 +26,7 @@ from jrt.linearize.train import (  # noqa: E402
     build_student,
     read_delta,
 )
-from jrt.training.data import write_token_dataset  # noqa: E402
+from jrt.training.prepare import write_token_dataset  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 GPT2 = data_path("tokenizers", "gpt2")

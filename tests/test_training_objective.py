@@ -83,7 +83,8 @@ def test_random_prefix_in_range():
 def test_ntp_objective_and_clean_prefix():
     w = _windows()
     b = make_batch(w, objective="ntp")
-    assert b.prefix_lengths is None and not b.is_mlm.any()
+    assert b.prefix_lengths.tolist() == [0] * w.shape[0] and b.prefix_lengths.dtype == torch.long
+    assert not b.is_mlm.any()
     assert torch.equal(b.targets, w[:, 1:]) and torch.equal(b.input_ids, w[:, :-1])
     clean = make_batch(w, prefix_len=10, mask=False)
     assert torch.equal(clean.input_ids, w[:, :-1]) and clean.mlm_count == 0

@@ -226,12 +226,14 @@ def test_jrt_command_exit_codes(tiny_data, tmp_path, capsys):
 
 def test_jrt_model_with_ntp_objective_reads_causally(tiny_data, tmp_path):
     tr = _trainer(tiny_config("jrt-tiny", objective="ntp"), tiny_data, tmp_path / "o")
-    assert tr.causal_jrt
+    assert tr.takes_prefix  # the JRT model gets the objective's prefix lengths: zeros for next-token only
     x = torch.randint(0, VOCAB, (2, 32))
     y = x.clone()
     y[:, 20] = (y[:, 20] + 1) % VOCAB
+    prefix = tr._batch(torch.cat([x, x[:, :1]], 1), [(0, 0), (0, 1)]).prefix_lengths
+    assert prefix.tolist() == [0, 0]
     with torch.no_grad():
-        a, b = tr._forward(tr.raw, x, None), tr._forward(tr.raw, y, None)
+        a, b = tr._forward(tr.raw, x, prefix), tr._forward(tr.raw, y, prefix)
     assert torch.equal(a[:, :20], b[:, :20])  # no position sees a later token
     assert not torch.equal(a[:, 20:], b[:, 20:])
 

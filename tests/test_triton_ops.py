@@ -100,8 +100,8 @@ def test_linear_attention_matches_reference(t, f, dv, segments, monkeypatch):
     from jrt.ops.triton import _ops
 
     calls = []
-    original = _ops._chunk_states
-    monkeypatch.setattr(_ops, "_chunk_states", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    original = _ops.chunk_states
+    monkeypatch.setattr(_ops, "chunk_states", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     q, k, v = make_qkv(2, t, 2, f, dv)
     out = jt.linear_attention(q, k, v, output_final_state=True, num_segments=segments)
     assert len(calls) == (1 if segments else 0)  # the segmented path ran when asked for
@@ -316,14 +316,14 @@ def test_import_error_without_triton(monkeypatch):
 
 
 def test_cuda_launch_setup():
-    from jrt.ops.triton import _ops
+    from jrt.ops.triton import _common
 
     # every CUDA configuration has a chunk length dividing the segment multiple, and autotuners build
     for name, configs in jt.CUDA_CONFIGS.items():
-        assert all(_ops._segment_length(1000, 3) % bt == 0 for bt, _, _ in configs)
-        assert len(_ops._tuned(name).configs) == len(configs)
-    assert _ops._num_segments(4, 64, 10_000, CPU, None) == 1
-    assert _ops._num_segments(4, 64, 10, CPU, 32) == 10
+        assert all(_common.segment_length(1000, 3) % bt == 0 for bt, _, _ in configs)
+        assert len(_common.tuned(name).configs) == len(configs)
+    assert _common.segment_count(4, 64, 10_000, CPU, None) == 1
+    assert _common.segment_count(4, 64, 10, CPU, 32) == 10
 
 
 @cpu_kernels

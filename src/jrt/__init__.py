@@ -8,12 +8,14 @@ Sub-packages (imports flow one way, from the numerical core outwards; see docs/d
 - :mod:`jrt.layers`: the mixers as ``nn.Module``s with one interface (``Mixer(config, layer_idx)``), the SwiGLU
   MLP and RMSNorm; built on ``ops``;
 - :mod:`jrt.models`: the Hugging Face ``JRTConfig`` / ``JRTModel`` / ``JRTForCausalLM``, the recurrent cache and
-  the conversion of the authors' checkpoints (``jrt convert``); built on ``layers``;
+  the conversion of the authors' checkpoints (``jrt convert``), the model factory and the by-name loader; built on
+  ``layers``;
 - :mod:`jrt.prompting`: JRT-Prompt templates (read the context twice) for any model;
 - :mod:`jrt.tasks`: the six recall tasks: loading, truncation, the ``contains`` metric;
 - :mod:`jrt.evaluation`: the evaluation engine (``jrt eval``) and the lm-evaluation-harness adapter;
-- :mod:`jrt.synthetics`: set-disjointness and MQAR experiments (``jrt reproduce``);
 - :mod:`jrt.training`: language-model pretraining (``jrt train``, ``jrt data``);
+- :mod:`jrt.synthetics`: set-disjointness and MQAR experiments (``jrt reproduce``);
+- :mod:`jrt.linearize`: a pretrained Llama-family Transformer turned into a recurrent student (``jrt linearize``);
 - :mod:`jrt.bench`: throughput and memory benchmarks (``jrt bench``).
 
 The command line is :mod:`jrt.cli` (``jrt``, or ``python -m jrt``).

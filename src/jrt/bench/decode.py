@@ -308,7 +308,7 @@ def _run_pretrained(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dic
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
-    from jrt.evaluation.models import load_model, resolve_model_source
+    from jrt.models.loading import load_model, resolve_model_source
 
     hf_logging.set_verbosity_error()
     specs = parse_pretrained(args.pretrained)

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from jrt.bench.prefill import _cpu_name
     from jrt.evaluation.engine import prepare
-    from jrt.evaluation.models import (
+    from jrt.models.loading import (
         load_model,
         load_tokenizer,
         model_max_length,

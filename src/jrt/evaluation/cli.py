@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _tasks_and_modes(args: argparse.Namespace) -> tuple[list[str], list[Any]]:
+    """The checked options before any model is loaded: the modes and the loaded tasks (``TaskData``)."""
     from jrt.cli import CLIError
     from jrt.prompting.templates import mode_repeats
     from jrt.tasks.registry import load_task, parse_tasks
@@ -66,19 +68,13 @@ def run(args: argparse.Namespace) -> int:
     for d in data:
         if not d.examples:
             raise CLIError(f"task {d.spec.name}: no examples in {d.source}")
+    return modes, data
 
+
+def _quiet_libraries(args: argparse.Namespace) -> None:
+    """transformers' logging to errors only, no progress bars with ``--no-progress``, ``--threads``."""
     import torch
     from transformers.utils import logging as hf_logging
-
-    from jrt.evaluation import distributed
-    from jrt.evaluation.models import (
-        load_model,
-        load_tokenizer,
-        model_max_length,
-        offline_gpt2_tokenizer,
-        resolve_model_source,
-    )
-    from jrt.evaluation.runner import EvalConfig, evaluate, format_table
 
     hf_logging.set_verbosity_error()
     if args.no_progress:  # also transformers' "Loading weights" bar and the Hub's download bars
@@ -88,6 +84,22 @@ def run(args: argparse.Namespace) -> int:
         disable_progress_bars()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    modes, data = _tasks_and_modes(args)
+
+    from jrt.evaluation import distributed
+    from jrt.evaluation.runner import EvalConfig, evaluate, format_table
+    from jrt.models.loading import (
+        load_model,
+        load_tokenizer,
+        model_max_length,
+        offline_gpt2_tokenizer,
+        resolve_model_source,
+    )
+
+    _quiet_libraries(args)
     ranks = distributed.RankInfo.from_env()  # several processes under torchrun / accelerate launch
     device = ranks.device(args.device)
     source, gguf = resolve_model_source(args.model, args.gguf_file)

@@ -150,6 +150,48 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 @torch.inference_mode()
+def _generate_in_rounds(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, step: int,
+    done_ids: set[int], common: dict[str, Any],
+) -> dict[int, list[int]]:
+    """The new token ids of each row of the left-padded ``input_ids [B, T]`` (``attention_mask [B, T]``), by row
+    index: ``model.generate`` in rounds of ``step`` new tokens, the rows that produced a token of ``done_ids``
+    leaving the batch and its cache after each round (see :func:`generate`)."""
+    device = input_ids.device
+    prompt_len = input_ids.shape[1]
+    finished: dict[int, list[int]] = {}
+    rows = torch.arange(input_ids.shape[0], device=device)  # original index of each live row
+    cache_kwargs: dict[str, Any] = {}
+    produced = 0
+    while rows.numel() and produced < max_new_tokens:
+        k = min(step, max_new_tokens - produced)
+        last_round = k == max_new_tokens - produced
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=k,
+                             return_dict_in_generate=not last_round, **cache_kwargs, **common)
+        seq = out if last_round else out.sequences
+        added = seq.shape[1] - input_ids.shape[1]
+        produced += added
+        new = seq[:, prompt_len:].tolist()
+        is_done = [last_round or added < k or any(t in done_ids for t in row) for row in new]
+        for i, d in enumerate(is_done):
+            if d:
+                finished.setdefault(int(rows[i]), new[i])
+        if all(is_done):
+            break
+        key, cache = _cache_of(out)
+        if not rows_selectable(cache):  # cannot drop rows: finish the batch in one call from its cache
+            step = max_new_tokens
+        elif any(is_done):
+            index = torch.tensor([i for i, d in enumerate(is_done) if not d], device=device)
+            cache.batch_select_indices(index)
+            rows, seq = rows[index], seq[index]
+            attention_mask = attention_mask[index]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(seq.shape[0], added)], dim=1)
+        input_ids = seq
+        cache_kwargs = {key: cache} if key is not None else {}  # no cache returned: the next call re-reads all
+    return finished
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -180,10 +222,9 @@ def generate(
     device = next(model.parameters()).device
     input_ids = enc["input_ids"].to(device)
     attention_mask = enc["attention_mask"].to(device)
-    prompt_len = input_ids.shape[1]
     from transformers import StoppingCriteriaList
 
-    stopper = _NewlineStop(tokenizer, prompt_len, stop)
+    stopper = _NewlineStop(tokenizer, input_ids.shape[1], stop)
     common = {
         "do_sample": False,
         "num_beams": 1,
@@ -192,36 +233,7 @@ def generate(
     }
     n = len(prompts)
     step = max_new_tokens if round_tokens is None or n == 1 else max(1, round_tokens)
-    finished: dict[int, list[int]] = {}
-    rows = torch.arange(n, device=device)  # original index of each live row
-    done_ids = stopper.stop_ids | _eos_ids(model, tokenizer)
-    cache_kwargs: dict[str, Any] = {}
-    produced = 0
-    while rows.numel() and produced < max_new_tokens:
-        k = min(step, max_new_tokens - produced)
-        last_round = k == max_new_tokens - produced
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=k,
-                             return_dict_in_generate=not last_round, **cache_kwargs, **common)
-        seq = out if last_round else out.sequences
-        added = seq.shape[1] - input_ids.shape[1]
-        produced += added
-        new = seq[:, prompt_len:].tolist()
-        is_done = [last_round or added < k or any(t in done_ids for t in row) for row in new]
-        for i, d in enumerate(is_done):
-            if d:
-                finished.setdefault(int(rows[i]), new[i])
-        if all(is_done):
-            break
-        key, cache = _cache_of(out)
-        if not rows_selectable(cache):  # cannot drop rows: finish the batch in one call from its cache
-            step = max_new_tokens
-        elif any(is_done):
-            index = torch.tensor([i for i, d in enumerate(is_done) if not d], device=device)
-            cache.batch_select_indices(index)
-            rows, seq = rows[index], seq[index]
-            attention_mask = attention_mask[index]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(seq.shape[0], added)], dim=1)
-        input_ids = seq
-        cache_kwargs = {key: cache} if key is not None else {}  # no cache returned: the next call re-reads all
+    finished = _generate_in_rounds(model, input_ids, attention_mask, max_new_tokens, step,
+                                   stopper.stop_ids | _eos_ids(model, tokenizer), common)
     texts = tokenizer.batch_decode([finished.get(i, []) for i in range(n)], skip_special_tokens=True)
     return [t.split(stop)[0] for t in texts]

@@ -18,7 +18,7 @@ from typing import Any
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from jrt.evaluation.models import load_tokenizer, offline_gpt2_tokenizer, register_project_models
+from jrt.models.loading import load_tokenizer, offline_gpt2_tokenizer
 
 
 @register_model("jrt")
@@ -32,7 +32,6 @@ class JRTLM(HFLM):
     """
 
     def __init__(self, pretrained: Any = "hazyresearch/JRT-360M-30B", tokenizer: Any = None, **kwargs: Any):
-        register_project_models()
         if tokenizer is None:
             if isinstance(pretrained, str):
                 try:

@@ -14,12 +14,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from jrt.evaluation.distributed import RankInfo, barrier, results_files
-from jrt.evaluation.engine import MAX_NEW_TOKENS, generate, prepare
+from jrt.evaluation.engine import MAX_NEW_TOKENS, Prepared, generate, prepare
 from jrt.jsonl import append_jsonl, read_jsonl
 from jrt.prompting.templates import PROMPT_FORMAT_VERSION, mode_repeats
 from jrt.stats import paired_bootstrap
 from jrt.tasks.metrics import contains, exact_match, token_f1
-from jrt.tasks.registry import TaskData
+from jrt.tasks.registry import Example, TaskData, TaskSpec
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -137,6 +137,48 @@ def _check_run(output: Path, identity: dict[str, Any], extra: dict[str, Any], wr
         os.replace(tmp, path)
 
 
+def _evaluate_mode(
+    model: Any, tokenizer: Any, spec: TaskSpec, mode: str, todo: list[Example], config: EvalConfig,
+    results_path: Path, truncation_tokenizer: Any | None, add_special_tokens: bool, progress: bool,
+    ranks: RankInfo,
+) -> None:
+    """Prepare the examples ``todo`` of one task x mode, generate for them in batches of decreasing prompt
+    length, and append each batch's scored rows to ``results_path``."""
+    prepared = [
+        prepare(spec, ex, mode, tokenizer, truncation_tokenizer, config.max_length, config.max_new_tokens)
+        for ex in tqdm(todo, desc=f"prepare {spec.name}/{mode}", disable=not progress, leave=False)
+    ]
+    prepared.sort(key=lambda p: -p.prompt_tokens)
+    desc = f"{spec.name}/{mode}" + (f" [rank {ranks.rank}]" if ranks.world_size > 1 else "")
+    bar = tqdm(total=len(prepared), desc=desc, disable=not progress, position=ranks.rank)
+    for start in range(0, len(prepared), config.batch_size):
+        batch = prepared[start : start + config.batch_size]
+        t0 = time.perf_counter()
+        gens = generate(model, tokenizer, [p.prompt for p in batch], config.max_new_tokens,
+                        add_special_tokens=add_special_tokens)
+        per = (time.perf_counter() - t0) / len(batch)
+        append_jsonl(results_path, [_result_row(spec, mode, p, gen, per) for p, gen in zip(batch, gens)])
+        bar.update(len(batch))
+    bar.close()
+
+
+def _result_row(spec: TaskSpec, mode: str, p: Prepared, gen: str, seconds: float) -> dict[str, Any]:
+    """One line of ``results.jsonl``: the example, its generation, its scores and its share of the batch time."""
+    return {
+        "task": spec.name,
+        "mode": mode,
+        "id": p.example.id,
+        "prompt_tokens": p.prompt_tokens,
+        "context_tokens": p.context_tokens,
+        "truncated": p.truncated,
+        "fit_truncated": p.fit_truncated,
+        "generation": gen,
+        "gold": p.example.answers,
+        **score(gen, p.example.answers, spec.span_metrics),
+        "seconds": round(seconds, 4),
+    }
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -177,40 +219,9 @@ def evaluate(
         for mode in config.modes:
             todo = [ex for i, ex in enumerate(data.examples)
                     if ranks.owns(i) and (spec.name, mode, ex.id) not in done]
-            if not todo:
-                continue
-            prepared = [
-                prepare(spec, ex, mode, tokenizer, truncation_tokenizer, config.max_length,
-                        config.max_new_tokens)
-                for ex in tqdm(todo, desc=f"prepare {spec.name}/{mode}", disable=not progress, leave=False)
-            ]
-            prepared.sort(key=lambda p: -p.prompt_tokens)
-            desc = f"{spec.name}/{mode}" + (f" [rank {ranks.rank}]" if ranks.world_size > 1 else "")
-            bar = tqdm(total=len(prepared), desc=desc, disable=not progress, position=ranks.rank)
-            for start in range(0, len(prepared), config.batch_size):
-                batch = prepared[start : start + config.batch_size]
-                t0 = time.perf_counter()
-                gens = generate(model, tokenizer, [p.prompt for p in batch], config.max_new_tokens,
-                                add_special_tokens=add_special_tokens)
-                per = (time.perf_counter() - t0) / len(batch)
-                rows = []
-                for p, gen in zip(batch, gens):
-                    rows.append({
-                        "task": spec.name,
-                        "mode": mode,
-                        "id": p.example.id,
-                        "prompt_tokens": p.prompt_tokens,
-                        "context_tokens": p.context_tokens,
-                        "truncated": p.truncated,
-                        "fit_truncated": p.fit_truncated,
-                        "generation": gen,
-                        "gold": p.example.answers,
-                        **score(gen, p.example.answers, spec.span_metrics),
-                        "seconds": round(per, 4),
-                    })
-                append_jsonl(results_path, rows)
-                bar.update(len(batch))
-            bar.close()
+            if todo:
+                _evaluate_mode(model, tokenizer, spec, mode, todo, config, results_path, truncation_tokenizer,
+                               add_special_tokens, progress, ranks)
     barrier(ranks)
     summary = summarize(read_all_results(output), config.model, data_info,
                         wanted=[(d.spec.name, m, {e.id for e in d.examples}) for d in tasks for m in config.modes])

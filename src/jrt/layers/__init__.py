@@ -31,7 +31,12 @@ from torch import nn
 
 from jrt.layers.conv import BaseConv, ConvState
 from jrt.layers.lab import GatedShortConv, NonCausalBasedLinearAttention, NonCausalGatedShortConv
-from jrt.layers.linear_attention import BasedLinearAttention, LinearAttentionState, PrefixLinearAttention
+from jrt.layers.linear_attention import (
+    BasedLinearAttention,
+    LinearAttentionState,
+    PrefixLinearAttention,
+    default_prefix_lengths,
+)
 from jrt.layers.mlp import RMSNorm, SwiGLU
 from jrt.layers.sliding_window import CausalAttention, KVCache, SlidingWindowAttention, SlidingWindowState
 
@@ -61,6 +66,7 @@ def register_mixer(name: str, cls: type[nn.Module]) -> type[nn.Module]:
 
 
 __all__ = [
+    "default_prefix_lengths",
     "MIXERS",
     "BaseConv",
     "BasedLinearAttention",

@@ -24,6 +24,26 @@ if TYPE_CHECKING:  # any config object with the fields listed in the docstrings
 State = tuple[torch.Tensor, torch.Tensor]
 
 
+def default_prefix_lengths(
+    batch: int, length: int, mask: torch.Tensor | None, max_prefix_length: int | None, device: torch.device | str
+) -> torch.Tensor:
+    """The prefix rule of every model that reads a prefix (JRT-RNN's PLA layers, the linearized ``jrt`` students):
+    by default the prefix is every real token of the prompt, capped at ``max_prefix_length`` (None: no cap).
+
+    Args:
+        batch, length: ``B`` and ``T`` of the input.
+        mask: ``[B, T]`` bool (True = token) or None (every position is a token).
+
+    Returns:
+        int64 ``[B]`` prefix lengths on ``device``. (The other half of the rule, that a call continuing from a
+        filled state reads no prefix, is each model's: it passes no prefix then.)
+    """
+    real = mask.long().sum(-1) if mask is not None else torch.full((batch,), length, device=device)
+    if max_prefix_length is not None:
+        real = real.clamp_max(max_prefix_length)
+    return real.to(device=device, dtype=torch.long)
+
+
 @dataclass
 class LinearAttentionState:
     """Decoding state of one linear-attention layer: ``kv = (S [B, H, D, Dv], z [B, H, D])`` in float32.
@@ -144,11 +164,9 @@ class PrefixLinearAttention(BasedLinearAttention):
         self.proj_v_enc = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=False)
 
     def default_prefix_lengths(self, batch: int, length: int, mask: torch.Tensor | None, device) -> torch.Tensor:
-        """Every real token of each sequence, capped at ``max_prefix_length``: int ``[B]``."""
-        real = mask.long().sum(-1) if mask is not None else torch.full((batch,), length, device=device)
-        if self.max_prefix_length is not None:
-            real = real.clamp_max(self.max_prefix_length)
-        return real.to(device=device, dtype=torch.long)
+        """Every real token of each sequence, capped at ``max_prefix_length``: int ``[B]``
+        (:func:`default_prefix_lengths`)."""
+        return default_prefix_lengths(batch, length, mask, self.max_prefix_length, device)
 
     def forward(
         self,

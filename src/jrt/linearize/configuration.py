@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
+
+from jrt.ops.common import check_impl
 
 #: Teacher ``model_type`` -> class-name prefix in ``transformers.models.<type>.modeling_<type>`` (SmolLM2 is
 #: a ``llama``).
@@ -38,6 +39,8 @@ class LinearizedConfig(PretrainedConfig):
         max_prefix_length: cap of the default prefix (the prompt) in ``jrt`` mode.
         linear_attention_eps: denominator epsilon of the linear attention.
         mask_token_id: the masked-LM input id of the ``jrt`` objective.
+        ops_impl: implementation of the linear-attention operators (as ``JRTConfig.ops_impl``: ``"auto"``,
+            ``"chunk"``, ``"reference"``, ``"recurrent"``, ``"triton"``; ``$JRT_OPS_IMPL`` overrides ``"auto"``).
     """
 
     model_type = "jrt_linearized"
@@ -52,6 +55,7 @@ class LinearizedConfig(PretrainedConfig):
         linear_attention_eps: float = 1e-6,
         mask_token_id: int | None = None,
         use_cache: bool = True,
+        ops_impl: str = "auto",
         **kwargs: Any,
     ) -> None:
         teacher = copy.deepcopy(teacher) if teacher is not None else {"model_type": "llama"}
@@ -70,6 +74,7 @@ class LinearizedConfig(PretrainedConfig):
         self.max_prefix_length = max_prefix_length
         self.linear_attention_eps = linear_attention_eps
         self.mask_token_id = mask_token_id
+        self.ops_impl = check_impl(ops_impl)
         self.use_cache = use_cache
         tc = self.teacher_config
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
@@ -80,12 +85,12 @@ class LinearizedConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     @property
+    def reads_prefix(self) -> bool:
+        """Whether the student reads a non-causal prefix (``mode="jrt"``) rather than only causally (``based``)."""
+        return self.mode == "jrt"
+
+    @property
     def teacher_config(self) -> PretrainedConfig:
         """The teacher's configuration object (``LlamaConfig``, ``MistralConfig`` or ``Qwen2Config``)."""
         fields = {k: v for k, v in self.teacher.items() if k != "model_type"}
         return AutoConfig.for_model(self.teacher["model_type"], **fields)
-
-
-# Importing the configuration also imports the model classes, which register both with the Auto factories (the
-# model module imports this one: when it is the one being imported, this returns the partial module).
-importlib.import_module("jrt.linearize.modeling")

@@ -27,13 +27,22 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from jrt.layers import default_prefix_lengths
 from jrt.linearize.configuration import SUPPORTED_FAMILIES, LinearizedConfig
-from jrt.models.modeling_jrt import CausalLMHead, JRTCache, JRTForCausalLM, JRTModel, _output
+from jrt.models.recurrent import (
+    TRANSFORMERS_5,
+    CausalLMHead,
+    JRTCache,
+    RecurrentPreTrainedModel,
+    check_cache,
+    model_output,
+    new_token_mask,
+    update_cache_counts,
+)
 from jrt.ops import (
     RingBuffer,
     feature_dim,
@@ -43,8 +52,6 @@ from jrt.ops import (
     sliding_window_attention,
     sliding_window_decode_step,
 )
-
-_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 def family_classes(model_type: str) -> dict[str, Any]:
@@ -104,14 +111,15 @@ class LinearizedAttention(nn.Module):
         self.groups = self.num_heads // self.num_kv_heads
         self.feature = config.feature_dim
         self.window = config.window
-        self.mode = config.mode
+        self.reads_prefix = config.reads_prefix
+        self.impl = config.ops_impl
         self.eps = config.linear_attention_eps
         self.rotary = classes["RotaryEmbedding"](tc)
         self._apply_rotary = classes["apply_rotary_pos_emb"]
         self.feature_q = nn.Parameter(torch.empty(self.num_heads, self.head_dim, self.feature))
         self.feature_k = nn.Parameter(torch.empty(self.num_kv_heads, self.head_dim, self.feature))
         self.window_gate = nn.Parameter(torch.zeros(self.num_heads)) if self.window else None
-        if self.mode == "jrt":
+        if self.reads_prefix:
             self.k_enc_proj = nn.Linear(tc.hidden_size, self.num_kv_heads * self.head_dim,
                                         bias=self.k_proj.bias is not None)
             self.v_enc_proj = nn.Linear(tc.hidden_size, self.num_kv_heads * self.head_dim,
@@ -137,7 +145,7 @@ class LinearizedAttention(nn.Module):
     @torch.no_grad()
     def copy_encoder_from_teacher(self) -> None:
         """``jrt`` mode: the encoder projections start as copies of the teacher's key/value projections."""
-        if self.mode != "jrt":
+        if not self.reads_prefix:
             return
         for enc, src in ((self.k_enc_proj, self.k_proj), (self.v_enc_proj, self.v_proj)):
             enc.weight.copy_(src.weight)
@@ -210,17 +218,17 @@ class LinearizedAttention(nn.Module):
         kf = self._features(k, self.feature_k)
         initial = None if fresh else state.linear
         want_state = state is not None
-        if self.mode == "jrt" and fresh and prefix_lengths is not None and bool((prefix_lengths > 0).any()):
+        if self.reads_prefix and fresh and prefix_lengths is not None and bool((prefix_lengths > 0).any()):
             cos, sin = cos_sin
             k_enc = self._rotate_project(self.k_enc_proj, x, self.num_kv_heads, cos, sin)
             v_enc = self.v_enc_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
             o_lin, lin_state = prefix_linear_attention(
                 qf, kf, v, self._features(k_enc, self.feature_k), v_enc,
-                prefix_lengths, attention_mask=mask, output_final_state=want_state, eps=self.eps,
+                prefix_lengths, attention_mask=mask, output_final_state=want_state, eps=self.eps, impl=self.impl,
             )
         else:
             o_lin, lin_state = linear_attention(qf, kf, v, initial_state=initial, output_final_state=want_state,
-                                                eps=self.eps, attention_mask=mask)
+                                                eps=self.eps, attention_mask=mask, impl=self.impl)
         if not self.window:
             o = o_lin
         else:
@@ -306,11 +314,9 @@ class LinearizedDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden)), loss
 
 
-class LinearizedPreTrainedModel(PreTrainedModel):
+class LinearizedPreTrainedModel(RecurrentPreTrainedModel):
     config_class = LinearizedConfig
-    base_model_prefix = "model"
     _no_split_modules = ["LinearizedDecoderLayer"]
-    _is_stateful = True
 
     def _init_weights(self, module: nn.Module) -> None:
         """``transformers``' default init (normal linear/embedding weights, unit norms, the rotary buffers; every
@@ -321,27 +327,6 @@ class LinearizedPreTrainedModel(PreTrainedModel):
                 module.reset_feature_maps(torch.Generator().manual_seed(1234 + module.layer_idx))
             return
         super()._init_weights(module)
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the model builds its own recurrent cache
-
-    def _backbone(self) -> LinearizedModel:
-        return self if isinstance(self, LinearizedModel) else self.model
-
-    def make_cache(self, batch_size: int, device: torch.device | str | None = None) -> JRTCache:
-        """An empty recurrent cache (:class:`jrt.models.JRTCache` of :class:`LinearizedState`) for ``batch_size``."""
-        backbone = self._backbone()
-        device = device if device is not None else backbone.embed_tokens.weight.device
-        return JRTCache([layer.self_attn.empty_state(batch_size) for layer in backbone.layers], batch_size, device)
-
-    def state_size_bytes(self, batch: int = 1, context_length: int | None = None) -> int:
-        """Bytes of the decoding state for ``batch`` sequences: the same at every context length."""
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int, got {batch!r}")
-        dtype = self._backbone().embed_tokens.weight.dtype
-        return sum(layer.self_attn.state_size_bytes(batch, dtype, context_length)
-                   for layer in self._backbone().layers)
 
 
 class LinearizedModel(LinearizedPreTrainedModel):
@@ -360,6 +345,9 @@ class LinearizedModel(LinearizedPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def layer_mixers(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.layers]
 
     def forward(
         self,
@@ -385,20 +373,18 @@ class LinearizedModel(LinearizedPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = hidden.shape[:2]
-        if cache is not None and cache.batch_size != b:
-            raise ValueError(f"the cache holds {cache.batch_size} sequences but the input has {b}")
+        check_cache(cache, b)
         past = cache.num_positions if cache is not None else 0
-        mask = JRTModel._new_token_mask(attention_mask, b, t, past, hidden.device)
+        mask = new_token_mask(attention_mask, b, t, past, hidden.device)
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and not transfer
         if use_cache and cache is None:
             cache = self.make_cache(b, hidden.device)
         if cache is not None and not cache.is_empty:
             prefix_lengths = None
-        elif self.config.mode == "jrt" and not transfer:
+        elif self.config.reads_prefix and not transfer:
             if prefix_lengths is None:
-                real = mask.long().sum(-1) if mask is not None else torch.full((b,), t, device=hidden.device)
-                prefix_lengths = real.clamp_max(self.config.max_prefix_length)
+                prefix_lengths = default_prefix_lengths(b, t, mask, self.config.max_prefix_length, hidden.device)
             else:
                 prefix_lengths = torch.as_tensor(prefix_lengths, device=hidden.device).long().expand(b)
         else:
@@ -410,17 +396,15 @@ class LinearizedModel(LinearizedPreTrainedModel):
             if loss is not None:
                 losses.append(loss)
         hidden = self.norm(hidden)
-        if cache is not None:
-            cache.num_positions += t
-            cache.seen_tokens = cache.seen_tokens.to(hidden.device) + (mask.long().sum(-1) if mask is not None else t)
-        return _output(BaseModelOutputWithPast, last_hidden_state=hidden, cache=cache if use_cache else None,
+        update_cache_counts(cache, mask, t, hidden.device)
+        return model_output(BaseModelOutputWithPast, last_hidden_state=hidden, cache=cache if use_cache else None,
                        attentions=tuple(losses) if transfer else None)
 
 
 class LinearizedForCausalLM(CausalLMHead, LinearizedPreTrainedModel, GenerationMixin):
     """The linearized student LM (``generate()`` with a constant-size recurrent cache)."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_5 else ["lm_head.weight"]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"} if TRANSFORMERS_5 else ["lm_head.weight"]
 
     def __init__(self, config: LinearizedConfig) -> None:
         super().__init__(config)
@@ -448,9 +432,6 @@ class LinearizedForCausalLM(CausalLMHead, LinearizedPreTrainedModel, GenerationM
                              cache=cache if cache is not None else past_key_values, use_cache=use_cache,
                              inputs_embeds=inputs_embeds)
         return self.head(outputs, labels, logits_to_keep, return_dict)
-
-    prepare_inputs_for_generation = JRTForCausalLM.prepare_inputs_for_generation
-    _reorder_cache = JRTForCausalLM._reorder_cache
 
 
 def register_auto_classes() -> None:

@@ -86,6 +86,11 @@ class LinearizeConfig:
             raise ValueError(f"transfer_fraction must be in (0, 1), got {self.transfer_fraction}")
 
     @property
+    def reads_prefix(self) -> bool:
+        """Whether the student reads a non-causal prefix (``mode="jrt"``)."""
+        return self.mode == "jrt"
+
+    @property
     def tokens_per_step(self) -> int:
         return self.seq_len * self.batch_size
 
@@ -98,7 +103,7 @@ def resolve_teacher(name: str, gguf_file: str | None = None) -> tuple[str, str |
     from its configuration alone that it is a supported family (one-line ``ValueError`` otherwise)."""
     from transformers import AutoConfig
 
-    from jrt.evaluation.models import resolve_model_source
+    from jrt.models.loading import resolve_model_source
 
     source, gguf = resolve_model_source(name, gguf_file)
     try:
@@ -112,7 +117,7 @@ def resolve_teacher(name: str, gguf_file: str | None = None) -> tuple[str, str |
 
 def load_teacher_tokenizer(name: str, gguf_file: str | None = None) -> Any:
     """The teacher's tokenizer (for ``jrt data prepare --tokenizer``)."""
-    from jrt.evaluation.models import load_tokenizer
+    from jrt.models.loading import load_tokenizer
 
     return load_tokenizer(*resolve_teacher(name, gguf_file))
 
@@ -120,7 +125,7 @@ def load_teacher_tokenizer(name: str, gguf_file: str | None = None) -> Any:
 def load_teacher(name: str, gguf_file: str | None = None) -> tuple[nn.Module, Any]:
     """The teacher causal LM (float32, eval, frozen) and its tokenizer; unsupported architectures are refused
     before any weight is loaded."""
-    from jrt.evaluation.models import load_model, load_tokenizer
+    from jrt.models.loading import load_model, load_tokenizer
 
     source, gguf = resolve_teacher(name, gguf_file)
     model = load_model(source, gguf, dtype="float32")
@@ -357,7 +362,7 @@ class Linearizer:
         if int(index["max_token_id"]) >= vocab or int(index["vocab_size"]) > vocab:
             raise ValueError(f"{data_dir} was tokenized with a vocabulary of {index['vocab_size']} but the teacher has "
                              f"{vocab}: prepare the data with the teacher's tokenizer (jrt linearize tokenizer)")
-        if cfg.mode == "jrt" and cfg.mask_token_id is None:
+        if cfg.reads_prefix and cfg.mask_token_id is None:
             cfg.mask_token_id = default_mask_token_id(self.teacher, self.tokenizer)
         self.fingerprint = teacher_fingerprint(self.teacher)
         self.student = build_student(self.teacher, cfg.mode, cfg.feature_dim, cfg.window, cfg.mask_token_id)
@@ -453,16 +458,15 @@ class Linearizer:
             row = {"transfer_loss": float(loss.detach())}
         else:
             batch = make_batch(
-                windows, keys, objective="prefix_mlm" if c.mode == "jrt" else "ntp", random_prefix=True,
+                windows, keys, objective="prefix_mlm" if c.reads_prefix else "ntp", random_prefix=True,
                 prefix_min=max(1, int(c.prefix_min_fraction * c.seq_len)), prefix_max=int(c.prefix_max_fraction *
                                                                                        c.seq_len),
                 mask_prob=c.mask_prob, mask_token_id=c.mask_token_id, seed=c.seed,
             )
-            kwargs = {"prefix_lengths": batch.prefix_lengths} if c.mode == "jrt" else {}
-            logits = self.model(input_ids=batch.input_ids, use_cache=False, **kwargs).logits
+            logits = self.model(input_ids=batch.input_ids, prefix_lengths=batch.prefix_lengths, use_cache=False).logits
             loss, stats = objective_loss(logits, batch, mlm_weight=c.mlm_weight)
             row = {"ntp_loss": float(stats["ntp_sum"]) / max(batch.ntp_count, 1)}
-            if c.mode == "jrt":
+            if c.reads_prefix:
                 row["mlm_loss"] = float(stats["mlm_sum"]) / max(batch.mlm_count, 1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -477,7 +481,7 @@ class Linearizer:
         n = min(self.cfg.eval_windows, len(self.val))
         windows = self.val.batch(list(range(n)))
         self.model.eval()
-        student = perplexity(self.model, windows, prefix=self.cfg.mode == "jrt")
+        student = perplexity(self.model, windows, prefix=self.cfg.reads_prefix)
         teacher = perplexity(self.teacher, windows, prefix=False)
         return {"val_windows": n, "val_ppl_student": student, "val_ppl_teacher": teacher}
 

@@ -114,7 +114,7 @@ def lab_model_config(spec: ModelSpec, vocab_size: int, seq_len: int) -> Any:
 def build_lab_model(spec: ModelSpec, vocab_size: int, seq_len: int) -> LabModel:
     """A freshly initialised lab model (float32) for sequences of up to ``seq_len`` tokens, built by the
     project's model factory :func:`jrt.training.models.build_model` from :func:`lab_model_config`."""
-    from jrt.training.models import build_model
+    from jrt.models.factory import build_model
 
     inner = build_model(lab_model_config(spec, vocab_size, seq_len))
     return LabModel(spec, inner, vocab_size, seq_len)

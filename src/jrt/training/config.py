@@ -1,6 +1,6 @@
 """Training configuration: one dataclass, the published presets, YAML/JSON files and ``key=value`` overrides.
 
-A training preset names a *model* preset (resolved by :func:`jrt.training.models.build_model`) and carries the
+A training preset names a *model* preset (resolved by :func:`jrt.models.factory.build_model`) and carries the
 batch, schedule and objective of the run. Precedence, lowest first: dataclass defaults, ``--preset``,
 ``--config FILE``, command-line overrides.
 
@@ -132,7 +132,7 @@ class TrainConfig:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
-        from jrt.training.models import check_model_overrides
+        from jrt.models.factory import check_model_overrides
 
         check_model_overrides(self.model, self.model_overrides)
         return self

@@ -202,14 +202,3 @@ __all__ = [
     "is_complete",
     "read_index",
 ]
-
-#: Names that moved to :mod:`jrt.training.prepare` (still importable from here).
-_PREPARE_NAMES = ("load_tokenizer", "prepare_dataset", "resolve_tokenizer_path", "write_token_dataset")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PREPARE_NAMES:
-        from jrt.training import prepare
-
-        return getattr(prepare, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,13 +29,14 @@ class ObjectiveBatch:
 
     ``input_ids``: ``[B, T]`` (mask id at masked-LM positions); ``targets``: ``[B, T]`` the target of every
     position (``IGNORE`` where there is none); ``is_mlm``: ``[B, T]`` bool, True where the target is a
-    masked-LM target (False: next-token); ``prefix_lengths``: ``[B]`` int64 or ``None`` (plain next-token).
+    masked-LM target (False: next-token); ``prefix_lengths``: ``[B]`` int64, the non-causal prefix of each row
+    (zeros for plain next-token).
     """
 
     input_ids: torch.Tensor
     targets: torch.Tensor
     is_mlm: torch.Tensor
-    prefix_lengths: torch.Tensor | None
+    prefix_lengths: torch.Tensor
 
     @property
     def ntp_count(self) -> int:
@@ -48,7 +49,7 @@ class ObjectiveBatch:
     def to(self, device: torch.device | str) -> ObjectiveBatch:
         return ObjectiveBatch(
             self.input_ids.to(device), self.targets.to(device), self.is_mlm.to(device),
-            None if self.prefix_lengths is None else self.prefix_lengths.to(device),
+            self.prefix_lengths.to(device),
         )
 
 
@@ -75,7 +76,7 @@ def make_batch(
     """Build the inputs and targets of one micro-batch from token windows ``[B, T + 1]`` (int64).
 
     ``keys``: the ``(epoch, sequence index)`` of each row, for the per-sequence generators (default
-    ``(0, row)``). ``objective="ntp"`` gives next-token targets everywhere and no prefix. With
+    ``(0, row)``). ``objective="ntp"`` gives next-token targets everywhere and prefix lengths of zero. With
     ``mask=False`` the prefix keeps its tokens and gets no targets (clean evaluation of the decoder part).
     """
     if windows.dim() != 2 or windows.shape[1] < 2:
@@ -84,8 +85,9 @@ def make_batch(
     B, T = windows.shape[0], windows.shape[1] - 1
     inputs = windows[:, :-1].clone()
     next_tokens = windows[:, 1:]
-    if objective == "ntp":
-        return ObjectiveBatch(inputs, next_tokens.clone(), torch.zeros(B, T, dtype=torch.bool), None)
+    if objective == "ntp":  # no prefix: every model reads the whole input causally
+        return ObjectiveBatch(inputs, next_tokens.clone(), torch.zeros(B, T, dtype=torch.bool),
+                              torch.zeros(B, dtype=torch.long))
     if objective != "prefix_mlm":
         raise ValueError(f"objective must be 'prefix_mlm' or 'ntp', got {objective!r}")
     hi = prefix_max if prefix_max is not None else T - 1

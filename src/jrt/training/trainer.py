@@ -20,6 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jrt.models.factory import (
+    build_model,
+    count_parameters,
+    default_objective,
+    forward_logits,
+    mask_token_id,
+    vocab_size,
+)
 from jrt.training import checkpoint as ckpt
 from jrt.training.config import TrainConfig
 from jrt.training.data import BatchSampler, TokenDataset, read_index
@@ -34,14 +42,6 @@ from jrt.training.distributed import (
     wrap_model,
 )
 from jrt.training.metrics import METRICS_FILE, MetricsLogger, format_duration, truncate_metrics
-from jrt.training.models import (
-    build_model,
-    count_parameters,
-    default_objective,
-    forward_logits,
-    mask_token_id,
-    vocab_size,
-)
 from jrt.training.objective import IGNORE, ObjectiveBatch, make_batch, objective_loss
 from jrt.training.optim import WarmupCosineSchedule, build_optimizer
 
@@ -123,9 +123,9 @@ class Trainer:
         self.autocast = (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16)) if bf16 \
             else contextlib.nullcontext
         self.n_params = count_parameters(self.raw)
-        # a JRT model trained with plain next-token loss must read nothing non-causally (its default prefix is
-        # the whole prompt, which would show it the targets)
-        self.causal_jrt = self.objective == "ntp" and getattr(self.raw.config, "model_type", "") == "jrt"
+        # the batches carry the prefix of every objective (zeros for next-token only); the forward takes it when
+        # the model reads a prefix (JRT models) or the objective has one
+        self.takes_prefix = self.objective == "prefix_mlm" or getattr(self.raw.config, "model_type", "") == "jrt"
 
         self.start_step = 0
         existing = ckpt.latest_checkpoint(self.ckpt_root)
@@ -246,10 +246,9 @@ class Trainer:
             mask_prob=c.mask_prob, mask_token_id=self.mask_id, seed=c.seed, mask=mask,
         )
 
-    def _forward(self, model: nn.Module, input_ids: torch.Tensor, prefix_lengths: torch.Tensor | None) -> torch.Tensor:
-        if prefix_lengths is None and self.causal_jrt:
-            prefix_lengths = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-        return forward_logits(model, input_ids, prefix_lengths)
+    def _forward(self, model: nn.Module, input_ids: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of ``input_ids [B, T]`` with the batch's ``prefix_lengths [B]``."""
+        return forward_logits(model, input_ids, prefix_lengths if self.takes_prefix else None)
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step (all micro-batches); returns the global-batch loss terms."""
@@ -265,8 +264,7 @@ class Trainer:
         mb = self.micro
         for a in range(self.accum):
             sl = slice(a * mb, (a + 1) * mb)
-            micro = ObjectiveBatch(batch.input_ids[sl], batch.targets[sl], batch.is_mlm[sl],
-                                   None if batch.prefix_lengths is None else batch.prefix_lengths[sl])
+            micro = ObjectiveBatch(batch.input_ids[sl], batch.targets[sl], batch.is_mlm[sl], batch.prefix_lengths[sl])
             sync = a == self.accum - 1 or not hasattr(self.model, "no_sync")
             with (contextlib.nullcontext() if sync else self.model.no_sync()):
                 with self.autocast():

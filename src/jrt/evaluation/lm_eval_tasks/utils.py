@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from jrt.evaluation.engine import prepare
-from jrt.evaluation.models import offline_gpt2_tokenizer
+from jrt.models.loading import offline_gpt2_tokenizer
 from jrt.tasks.metrics import contains
 from jrt.tasks.registry import get_task, load_task
 

@@ -24,14 +24,8 @@ from __future__ import annotations
 
 import triton  # noqa: F401  (ImportError here when Triton is absent)
 
-from jrt.ops.triton._ops import (
-    AUTOTUNE_ENV,
-    CUDA_CONFIGS,
-    MAX_FEATURE_DIM,
-    autotuned_configs,
-    linear_attention,
-    prefix_linear_attention,
-)
+from jrt.ops.triton._common import AUTOTUNE_ENV, CUDA_CONFIGS, MAX_FEATURE_DIM, autotuned_configs
+from jrt.ops.triton._ops import linear_attention, prefix_linear_attention
 
 __all__ = [
     "AUTOTUNE_ENV",

@@ -18,7 +18,7 @@ forward); ``dq``/``dk`` are summed over the value blocks in PyTorch. Gradients c
 dtype (float32 accumulation).
 
 ``$JRT_TRITON_BACKWARD=recompute`` switches these kernels off: the backward then recomputes the operator
-through the chunked PyTorch form and differentiates that (``_RecomputeBackward`` in ``_ops.py``).
+through the chunked PyTorch form and differentiates that (``_TritonAutograd`` in ``_ops.py``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ import os
 import torch
 import triton
 
+from jrt.ops.common import prefix_positions
 from jrt.ops.feature_map import feature_dim
 from jrt.ops.triton import _backward_kernels as kernels
-from jrt.ops.triton._ops import MAX_FEATURE_DIM, _block_k, _encoder_state, _keep_bytes, _lowp
+from jrt.ops.triton._common import MAX_FEATURE_DIM, block_k, encoder_state, keep_bytes, lowp_flags
 
 #: Environment variable: ``kernel`` (default) runs the Triton backward kernels, ``recompute`` the fallback.
 BACKWARD_ENV = "JRT_TRITON_BACKWARD"
@@ -53,7 +54,7 @@ def _config(f: int, device: torch.device) -> tuple[int, int, dict]:
     if device.type != "cuda":
         bt, bv = _INTERPRET_CONFIG
         return bt, bv, {}
-    bt, bv, warps = _CUDA_CONFIG[_block_k(f)]
+    bt, bv, warps = _CUDA_CONFIG[block_k(f)]
     return bt, bv, {"num_warps": warps}
 
 
@@ -86,22 +87,20 @@ def backward(
     d = feature_dim(f)
     device = q_in.device
     q, k, v = (x.float() if x.dtype == torch.float64 else x for x in (q_in, k_in, v_in))
-    bk = _block_k(f)
+    bk = block_k(f)
     bt, bv, extra = _config(f, device)
     nv = triton.cdiv(dv_dim, bv)
-    lowp, lowp_bf16 = _lowp(q, k, v)
+    lowp, lowp_bf16 = lowp_flags(q, k, v)
     scale = f**-0.25
-    keep8 = _keep_bytes(spec["mask"], device)
+    keep8 = keep_bytes(spec["mask"], device)
 
     # the initial state of the causal pass: the given one, plus the encoder state for prefix attention
     init = None if s0 is None else (_float32(s0), _float32(z0))
     in_prefix = None
     if spec["prefix"]:
-        from jrt.ops.common import prefix_positions
-
         ke, ve = (x.float() if x.dtype == torch.float64 else x for x in (ke_in, ve_in))
         in_prefix = prefix_positions(spec["prefix_lengths"], t, spec["mask"])
-        enc_s, enc_z = _encoder_state(ke, ve, in_prefix, None)
+        enc_s, enc_z = encoder_state(ke, ve, in_prefix, None)
         init = (enc_s, enc_z) if init is None else (enc_s + init[0], enc_z + init[1])
         init = (init[0].contiguous(), init[1].contiguous())
 
@@ -151,7 +150,7 @@ def backward(
         hit = in_prefix.any(dim=0).nonzero()
         cut = int(hit[-1]) + 1 if hit.numel() else 0  # positions past every prefix get no gradient
         if cut:
-            lowp_e, lowp_bf16_e = _lowp(ke, ve)
+            lowp_e, lowp_bf16_e = lowp_flags(ke, ve)
             kernels.bwd_state_kv_kernel[(nv, b * h, triton.cdiv(cut, bt))](
                 ke, ve, in_prefix.to(torch.int8).contiguous(), ds0, dz0, dk_enc_part, dv_enc,
                 *ke.stride(), *ve.stride(),

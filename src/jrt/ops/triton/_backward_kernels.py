@@ -32,20 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-INV_SQRT2 = tl.constexpr(0.7071067811865476)
-
-
-@triton.jit
-def _dot(a, b, LOWP: tl.constexpr, LOWP_BF16: tl.constexpr):
-    """``a @ b`` with float32 accumulation: 16-bit operands on tensor cores (``LOWP``), else float32 operands
-    with the three-pass TF32 product (about float32 accuracy)."""
-    if LOWP:
-        if LOWP_BF16:
-            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-        else:
-            return tl.dot(a.to(tl.float16), b.to(tl.float16))
-    else:
-        return tl.dot(a, b, input_precision="tf32x3")
+from jrt.ops.triton._jit_helpers import INV_SQRT2, dot
 
 
 @triton.jit
@@ -70,9 +57,9 @@ def _state_read_grads(
     ``dP = [dS (dh0, dh1, dh2), dz (dz1, dz2)]``: returns ``(dk~ [BT, BK], dv [BT, BV])``. ``first`` (0/1)
     says whether this value block also carries the denominator column."""
     k2 = _square(k, BT, BK)
-    dv = (dh0[None, :] + _dot(k, dh1, LOWP, LOWP_BF16) + _dot(k2, dh2, LOWP, LOWP_BF16)) * m[:, None]
-    w1 = _dot(v, tl.trans(dh1), LOWP, LOWP_BF16) + first * dz1[None, :]
-    w2 = _dot(v, tl.trans(dh2), LOWP, LOWP_BF16) + first * dz2[None, :]
+    dv = (dh0[None, :] + dot(k, dh1, LOWP, LOWP_BF16) + dot(k2, dh2, LOWP, LOWP_BF16)) * m[:, None]
+    w1 = dot(v, tl.trans(dh1), LOWP, LOWP_BF16) + first * dz1[None, :]
+    w2 = dot(v, tl.trans(dh2), LOWP, LOWP_BF16) + first * dz2[None, :]
     dk = (w1 + _quad_grad(w2, k, BT, BK)) * m[:, None]
     return dk, dv
 
@@ -145,7 +132,7 @@ def bwd_dq_kernel(
         v = v * m[:, None]
 
         # the denominator, as the forward computed it
-        s = _dot(q, tl.trans(k), LOWP, LOWP_BF16)
+        s = dot(q, tl.trans(k), LOWP, LOWP_BF16)
         valid = causal & keep[None, :]
         a = tl.where(valid, 1.0 + s + 0.5 * s * s, 0.0)
         q2 = _square(q, BT, BK)
@@ -159,17 +146,17 @@ def bwd_dq_kernel(
         c = -delta / den * first
 
         # intra-chunk: dK_ij (1 + s_ij) k~_j; inter-chunk: J_phi(q_i)^T P_c [g_i, c_i]
-        dk_ij = tl.where(valid, (_dot(g, tl.trans(v), LOWP, LOWP_BF16) + c[:, None]) * (1.0 + s), 0.0)
-        dq = _dot(dk_ij, k, LOWP, LOWP_BF16)
-        u1 = _dot(g, tl.trans(h1), LOWP, LOWP_BF16) + c[:, None] * z1[None, :]
-        u2 = _dot(g, tl.trans(h2), LOWP, LOWP_BF16) + c[:, None] * z2[None, :]
+        dk_ij = tl.where(valid, (dot(g, tl.trans(v), LOWP, LOWP_BF16) + c[:, None]) * (1.0 + s), 0.0)
+        dq = dot(dk_ij, k, LOWP, LOWP_BF16)
+        u1 = dot(g, tl.trans(h1), LOWP, LOWP_BF16) + c[:, None] * z1[None, :]
+        u2 = dot(g, tl.trans(h2), LOWP, LOWP_BF16) + c[:, None] * z2[None, :]
         dq += u1 + _quad_grad(u2, q, BT, BK)
         tl.store(dq_ptr + pid_v.to(tl.int64) * NV_STRIDE + row[:, None] * F + offs_k[None, :], dq * scale, mask=mtk)
 
         # the state after this chunk
         k2 = _square(k, BT, BK)
-        h1 += _dot(tl.trans(k), v, LOWP, LOWP_BF16)
-        h2 += _dot(tl.trans(k2), v, LOWP, LOWP_BF16)
+        h1 += dot(tl.trans(k), v, LOWP, LOWP_BF16)
+        h2 += dot(tl.trans(k2), v, LOWP, LOWP_BF16)
         z0 += tl.sum(m, axis=0)
         z1 += tl.sum(k * m[:, None], axis=0)
         z2 += tl.sum(k2 * m[:, None], axis=0)
@@ -253,12 +240,12 @@ def bwd_dkv_kernel(
         c = -delta / den * first
 
         # intra-chunk: dv_j = sum_i K_ij g_i, dk_j = sum_i dK_ij (1 + s_ij) q~_i over i >= j
-        s = _dot(q, tl.trans(k), LOWP, LOWP_BF16)
+        s = dot(q, tl.trans(k), LOWP, LOWP_BF16)
         valid = causal & keep[None, :]
         a = tl.where(valid, 1.0 + s + 0.5 * s * s, 0.0)
-        dk_ij = tl.where(valid, (_dot(g, tl.trans(v), LOWP, LOWP_BF16) + c[:, None]) * (1.0 + s), 0.0)
-        dv = _dot(tl.trans(a), g, LOWP, LOWP_BF16)
-        dk = _dot(tl.trans(dk_ij), q, LOWP, LOWP_BF16)
+        dk_ij = tl.where(valid, (dot(g, tl.trans(v), LOWP, LOWP_BF16) + c[:, None]) * (1.0 + s), 0.0)
+        dv = dot(tl.trans(a), g, LOWP, LOWP_BF16)
+        dk = dot(tl.trans(dk_ij), q, LOWP, LOWP_BF16)
 
         # inter-chunk: this chunk's keys and values are read by every later query (and the final state)
         dk_s, dv_s = _state_read_grads(k, v, m, first, dh0, dh1, dh2, dz1, dz2, BT, BK, LOWP, LOWP_BF16)
@@ -270,8 +257,8 @@ def bwd_dkv_kernel(
         # the state gradient before this chunk: add this chunk's queries
         q2 = _square(q, BT, BK)
         dh0 += tl.sum(g, axis=0)
-        dh1 += _dot(tl.trans(q), g, LOWP, LOWP_BF16)
-        dh2 += _dot(tl.trans(q2), g, LOWP, LOWP_BF16)
+        dh1 += dot(tl.trans(q), g, LOWP, LOWP_BF16)
+        dh2 += dot(tl.trans(q2), g, LOWP, LOWP_BF16)
         dz0 += tl.sum(c, axis=0)
         dz1 += tl.sum(q * c[:, None], axis=0)
         dz2 += tl.sum(q2 * c[:, None], axis=0)

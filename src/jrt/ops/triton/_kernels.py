@@ -26,21 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-INV_SQRT2 = tl.constexpr(0.7071067811865476)
-
-
-@triton.jit
-def _dot(a, b, LOWP: tl.constexpr, LOWP_BF16: tl.constexpr):
-    """``a @ b`` with float32 accumulation: 16-bit operands on tensor cores (``LOWP``), else float32 operands
-    with the three-pass TF32 product (``tf32x3``: about float32 accuracy, on tensor cores; plain float32
-    FMAs spilled heavily when compiled for sm_90)."""
-    if LOWP:
-        if LOWP_BF16:
-            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-        else:
-            return tl.dot(a.to(tl.float16), b.to(tl.float16))
-    else:
-        return tl.dot(a, b, input_precision="tf32x3")
+from jrt.ops.triton._jit_helpers import INV_SQRT2, dot
 
 
 @triton.jit
@@ -121,15 +107,15 @@ def causal_fwd_kernel(
         v = tl.where(keep[:, None], v, 0.0)
 
         # intra-chunk: the Taylor kernel on q~ . k~, causal, dropped columns removed
-        s = _dot(q, tl.trans(k), LOWP, LOWP_BF16)
+        s = dot(q, tl.trans(k), LOWP, LOWP_BF16)
         a = 1.0 + s + 0.5 * s * s
         a = tl.where(causal & keep[None, :], a, 0.0)
-        num = _dot(a, v, LOWP, LOWP_BF16)
+        num = dot(a, v, LOWP, LOWP_BF16)
         den = tl.sum(a, axis=1)
 
         # inter-chunk: phi(q) . (S, z) with the state of the positions before this chunk
         q2 = tl.reshape(q[:, :, None] * q[:, None, :], [BT, BK * BK]) * INV_SQRT2
-        num += h0[None, :] + _dot(q, h1, LOWP, LOWP_BF16) + _dot(q2, h2, LOWP, LOWP_BF16)
+        num += h0[None, :] + dot(q, h1, LOWP, LOWP_BF16) + dot(q2, h2, LOWP, LOWP_BF16)
         den += z0 + tl.sum(q * z1[None, :], axis=1) + tl.sum(q2 * z2[None, :], axis=1)
         o = num / (den + eps)[:, None]
         tl.store(
@@ -140,8 +126,8 @@ def causal_fwd_kernel(
         # state update with this chunk's kept positions
         k2 = tl.reshape(k[:, :, None] * k[:, None, :], [BT, BK * BK]) * INV_SQRT2
         h0 += tl.sum(v, axis=0)
-        h1 += _dot(tl.trans(k), v, LOWP, LOWP_BF16)
-        h2 += _dot(tl.trans(k2), v, LOWP, LOWP_BF16)
+        h1 += dot(tl.trans(k), v, LOWP, LOWP_BF16)
+        h2 += dot(tl.trans(k2), v, LOWP, LOWP_BF16)
         z0 += tl.sum(m, axis=0)
         z1 += tl.sum(k * m[:, None], axis=0)
         z2 += tl.sum(k2 * m[:, None], axis=0)
@@ -220,8 +206,8 @@ def chunk_state_kernel(
         v = tl.where(keep[:, None], v, 0.0)
         k2 = tl.reshape(k[:, :, None] * k[:, None, :], [BT, BK * BK]) * INV_SQRT2
         h0 += tl.sum(v, axis=0)
-        h1 += _dot(tl.trans(k), v, LOWP, LOWP_BF16)
-        h2 += _dot(tl.trans(k2), v, LOWP, LOWP_BF16)
+        h1 += dot(tl.trans(k), v, LOWP, LOWP_BF16)
+        h2 += dot(tl.trans(k2), v, LOWP, LOWP_BF16)
         z0 += m
         z1 += tl.sum(k * m[:, None], axis=0)
         z2 += tl.sum(k2 * m[:, None], axis=0)

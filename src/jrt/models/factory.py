@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from jrt.errors import check_known_keys, did_you_mean
+from jrt.models.configuration_jrt import PRESETS, JRTConfig, config_fields
+from jrt.models.modeling_jrt import JRTForCausalLM
 
 PADDED_VOCAB = 50264
 
@@ -67,9 +69,6 @@ def check_model_overrides(name: str, overrides: dict[str, Any]) -> None:
     if name in BASELINE_PRESETS:
         _check_baseline_overrides(BASELINE_PRESETS[name][0], overrides)
         return
-    from jrt.models import PRESETS, JRTConfig
-    from jrt.models.configuration_jrt import config_fields
-
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}{did_you_mean(name, model_names())}; "
                          f"known: {', '.join(model_names())}")
@@ -78,15 +77,8 @@ def check_model_overrides(name: str, overrides: dict[str, Any]) -> None:
 
 
 def model_names() -> list[str]:
-    """All model preset names the trainer knows (JRT ones only when :mod:`jrt.models` imports)."""
-    names = list(BASELINE_PRESETS)
-    try:
-        from jrt.models import PRESETS
-
-        names += list(PRESETS)
-    except ImportError:
-        pass
-    return sorted(set(names))
+    """All model preset names the trainer knows (the baselines and the JRT presets)."""
+    return sorted(set(BASELINE_PRESETS) | set(PRESETS))
 
 
 def build_model(name: str | Any, overrides: dict[str, Any] | None = None) -> nn.Module:
@@ -98,10 +90,6 @@ def build_model(name: str | Any, overrides: dict[str, Any] | None = None) -> nn.
     overrides = dict(overrides or {})
     if name in BASELINE_PRESETS:
         return _baseline(name, overrides)
-    try:
-        from jrt.models import JRTConfig, JRTForCausalLM
-    except ImportError as err:
-        raise ValueError(f"model preset {name!r} needs jrt.models, which failed to import: {err}") from err
     check_model_overrides(name, overrides)
     return JRTForCausalLM(JRTConfig.from_preset(name, **overrides))
 
@@ -110,8 +98,6 @@ def _from_config(config: Any, overrides: dict[str, Any] | None) -> nn.Module:
     if overrides:
         raise ValueError("overrides only apply to a preset name; set the fields on the config instead")
     from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
-
-    from jrt.models import JRTConfig, JRTForCausalLM
 
     if isinstance(config, JRTConfig):
         return JRTForCausalLM(config)

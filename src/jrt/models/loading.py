@@ -1,4 +1,6 @@
-"""Loading any causal LM and its tokenizer for evaluation (Hub id, local folder, GGUF file, SmolLM2 alias)."""
+"""Loading any causal LM and its tokenizer by name (Hub id, local folder, GGUF file, SmolLM2 alias): what ``jrt eval``,
+``jrt bench`` and ``jrt linearize`` load their models with. Importing it imports :mod:`jrt.models`, which registers
+JRT-RNN with the ``transformers`` Auto classes."""
 
 from __future__ import annotations
 
@@ -57,14 +59,6 @@ def offline_gpt2_tokenizer() -> Any:
         raise ValueError(f"could not load the GPT-2 tokenizer ({type(err).__name__}: {err})") from None
     tok.model_max_length = int(1e12)  # used on whole documents: no length warnings
     return tok
-
-
-def register_project_models() -> None:
-    """Import ``jrt.models`` (registers JRT-RNN with the Auto classes) when it is available."""
-    try:
-        import jrt.models  # noqa: F401
-    except ImportError:
-        pass
 
 
 def load_tokenizer(
@@ -144,7 +138,6 @@ def load_model(
         torch_dtype = DTYPES[dtype]
     else:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    register_project_models()
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
