@@ -1,4 +1,4 @@
-"""The lab's small models, built by the project's model factory (:func:`jrt.training.models.build_model`) from
+"""The lab's small models, built by the project's model factory (:func:`jrt.models.factory.build_model`) from
 the library's own model (:class:`jrt.models.JRTForCausalLM`) and, as a state-space representative,
 ``transformers``' Mamba (its CPU reference path).
 
@@ -113,7 +113,7 @@ def lab_model_config(spec: ModelSpec, vocab_size: int, seq_len: int) -> Any:
 
 def build_lab_model(spec: ModelSpec, vocab_size: int, seq_len: int) -> LabModel:
     """A freshly initialised lab model (float32) for sequences of up to ``seq_len`` tokens, built by the
-    project's model factory :func:`jrt.training.models.build_model` from :func:`lab_model_config`."""
+    project's model factory :func:`jrt.models.factory.build_model` from :func:`lab_model_config`."""
     from jrt.models.factory import build_model
 
     inner = build_model(lab_model_config(spec, vocab_size, seq_len))
