@@ -68,6 +68,7 @@ class GridPlan:
     sd_epochs: int | None  # the run length in epochs, or
     sd_steps: int | None  # in steps
     sd_style: str = "authors"
+    sd_schedule: str = "epoch_cosine"  # the authors' (cosine stepped per epoch) or "warmup_cosine" (per step)
     sd_curve_points: int = 0  # learning-curve evaluations per run (0: the final model only)
     sd_num_valid: int = 0  # held-out examples per test pair and order for each curve point
 
@@ -86,6 +87,22 @@ QUICK = GridPlan(
     sd_lrs=(8e-4,), sd_seeds=(0,), sd_num_train=6400, sd_num_test=500, sd_epochs=None, sd_steps=400,
 )
 
+#: Set disjointness at CPU scale (``--medium``, about an hour on 2 cores): chosen by measurement
+#: (``benchmarks/sd_search.py``, docs/reproduce.md). The authors' blocks (no MLP) plateaued near the floor of a
+#: model that guesses among the short set (about 1/4 here) for every architecture, causal or not, up to 8,000
+#: steps; the library's blocks (BaseConv, SwiGLU MLP) learn the task within 4,000 steps, and their accuracy
+#: depends on the state (f = 2 vs 4 at d = 32). Fresh examples every step (one epoch: the authors' per-epoch
+#: cosine keeps the learning rate constant), a short and a long pair, both orders, two seeds.
+MEDIUM = GridPlan(
+    mqar_pairs=4, mqar_seq_len=32, mqar_vocab=260, mqar_sizes=(), mqar_models=(), mqar_attention_sizes=(),
+    mqar_train=QUICK.mqar_train, mqar_seeds=(),
+    sd_pairs=((4, 16), (4, 64)), sd_test_pairs=((4, 16), (4, 64)), sd_vocab=260,
+    sd_sizes=((32, 2), (32, 4)),
+    sd_models=("based", "based_twice", "based_noncausal", "jrt_rnn"),
+    sd_lrs=(3e-3,), sd_seeds=(0, 1), sd_num_train=200_000, sd_num_test=1000, sd_epochs=None, sd_steps=3000,
+    sd_style="library", sd_curve_points=10, sd_num_valid=200,
+)
+
 FULL = GridPlan(
     mqar_pairs=64, mqar_seq_len=256, mqar_vocab=8192,
     mqar_sizes=((64, 8), (128, 16), (256, 16), (512, 16)),
@@ -101,7 +118,7 @@ FULL = GridPlan(
     sd_epochs=AUTHORS_EPOCHS, sd_steps=None,
 )
 
-PLANS = {"quick": QUICK, "full": FULL}
+PLANS = {"quick": QUICK, "medium": MEDIUM, "full": FULL}
 
 
 def plan_for(name: str) -> GridPlan:
@@ -130,11 +147,13 @@ def sd_grid(plan: GridPlan) -> Grid:
                                       eval_every=steps // plan.sd_curve_points if plan.sd_curve_points else None)
             if plan.sd_curve_points:
                 train = replace(train, num_valid=plan.sd_num_valid)
+            if plan.sd_schedule != train.schedule:
+                train = replace(train, schedule=plan.sd_schedule)
             for d, f in plan.sd_sizes:
                 for name in plan.sd_models:
                     arch, twice = SD_MODELS[name]
                     spec = (ModelSpec.authors(arch, d, f) if plan.sd_style == "authors"
-                            else ModelSpec(arch=arch, d_model=d, feature_dim=f))
+                            else ModelSpec(arch=arch, d_model=d, feature_dim=f, num_heads=2))
                     grid.append(RunConfig("sd", name, replace(base, read_twice=twice), spec, train, seed))
     return grid
 
