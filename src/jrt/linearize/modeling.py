@@ -361,12 +361,12 @@ class LinearizedModel(LinearizedPreTrainedModel):
         cache: JRTCache | None = None,
         transfer: bool = False,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPast:
+    ) -> LinearizedModelOutput:
         """Run the layers on ``input_ids [B, T]`` (``attention_mask`` may span the cache's consumed columns).
 
         ``prefix_lengths`` (``jrt`` mode, first call): real tokens read non-causally, default every real token capped
         at ``config.max_prefix_length``. ``transfer=True``: the teacher's forward with the per-layer attention
-        transfer losses in ``.attentions`` (a tuple of scalars).
+        transfer losses in ``.transfer_losses`` (a tuple of scalars, one per layer).
         """
         cache = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
@@ -397,8 +397,16 @@ class LinearizedModel(LinearizedPreTrainedModel):
                 losses.append(loss)
         hidden = self.norm(hidden)
         update_cache_counts(cache, mask, t, hidden.device)
-        return model_output(BaseModelOutputWithPast, last_hidden_state=hidden, cache=cache if use_cache else None,
-                       attentions=tuple(losses) if transfer else None)
+        return model_output(LinearizedModelOutput, last_hidden_state=hidden, cache=cache if use_cache else None,
+                            transfer_losses=tuple(losses) if transfer else None)
+
+
+@dataclass
+class LinearizedModelOutput(BaseModelOutputWithPast):
+    """The student backbone's output; ``transfer_losses``: with ``transfer=True``, the attention-transfer loss of
+    each layer (scalars: the MSE between the student's attention output and the teacher's), else None."""
+
+    transfer_losses: tuple[torch.Tensor, ...] | None = None
 
 
 class LinearizedForCausalLM(CausalLMHead, LinearizedPreTrainedModel, GenerationMixin):

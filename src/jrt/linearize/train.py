@@ -454,7 +454,7 @@ class Linearizer:
         self.model.train()
         if self.stage == 1:
             out = self.student.model(input_ids=windows[:, :-1], transfer=True, use_cache=False)
-            loss = torch.stack(out.attentions).mean()
+            loss = torch.stack(out.transfer_losses).mean()
             row = {"transfer_loss": float(loss.detach())}
         else:
             batch = make_batch(

@@ -232,6 +232,15 @@ def mqar_seq_len(num_pairs: int, seq_len: int, read_twice: bool = False) -> int:
     return seq_len + (2 * num_pairs if read_twice else 0)
 
 
+def _power_law_slots(num: int, count: int, slots: int, power_a: float, gen: torch.Generator) -> torch.Tensor:
+    """``[num, count]`` distinct slot indices (gap - 1) in ``0..slots-1`` per row, drawn without replacement with
+    ``p(gap) ~ gap^(power_a - 1)`` (Gumbel top-k)."""
+    gaps = torch.arange(1, slots + 1, dtype=torch.float64)
+    logp = (power_a - 1.0) * torch.log(gaps)
+    gumbel = -torch.log(-torch.log(torch.rand(num, slots, generator=gen, dtype=torch.float64)))
+    return (logp + gumbel).topk(count, dim=1).indices
+
+
 def make_mqar(
     num_examples: int,
     num_pairs: int,
@@ -279,12 +288,7 @@ def make_mqar(
     values = _sample_distinct(num_examples, num_pairs, NUM_SPECIAL + half, NUM_SPECIAL + 2 * half, gen)
     kv = torch.stack([keys, values], dim=2).reshape(num_examples, 2 * num_pairs)
     query_len = seq_len - 2 * num_pairs
-    slots = query_len // 2
-    # power law over slot gaps 1..slots, sampled without replacement via Gumbel top-k
-    gaps = torch.arange(1, slots + 1, dtype=torch.float64)
-    logp = (power_a - 1.0) * torch.log(gaps)
-    gumbel = -torch.log(-torch.log(torch.rand(num_examples, slots, generator=gen, dtype=torch.float64)))
-    chosen = (logp + gumbel).topk(num_pairs, dim=1).indices  # [N, P] slot indices (gap - 1)
+    chosen = _power_law_slots(num_examples, num_pairs, query_len // 2, power_a, gen)
     queries = torch.zeros(num_examples, query_len, dtype=torch.long)
     labels_q = torch.full((num_examples, query_len), IGNORE_INDEX, dtype=torch.long)
     pos = 2 * chosen

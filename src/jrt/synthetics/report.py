@@ -212,7 +212,7 @@ def _sd_check(r: dict[str, Any], text: str, kind: str, base_gap: dict[str, Any] 
     per_seed = f"; per seed {', '.join(f'{g:+.1f}' for g in seeds)}" if len(seeds) > 1 else ""
     return {
         "experiment": "sd", "source": "paper", "model": r["model"], "state_bytes": r["state_bytes"],
-        "claim": f"SD, {r['state_bytes']:,} B state: {text}",
+        "claim": f"SD, d = {r['d_model']}, f = {r['feature_dim']} ({r['state_bytes']:,} B state): {text}",
         "measured": f"short first {short:.1f} %, long first {long:.1f} % (floors {r['short_first_floor']:.1f} / "
                     f"{r['long_first_floor']:.1f}); gap {gap:+.1f}, 95% CI {_fmt_ci(lo, hi)} points{per_seed}; "
                     f"{ns:,} + {nl:,} test sequences",
@@ -222,13 +222,17 @@ def _sd_check(r: dict[str, Any], text: str, kind: str, base_gap: dict[str, Any] 
 
 
 def _sd_checks(sd: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The SD claims per model size (d_model, f): the models of one size share their linear-attention state
+    (their convolutions may differ by a few hundred bytes), and each remedy is judged against causal Based's
+    gap at the same size."""
     out: list[dict[str, Any]] = []
-    by = {(r["model"], r["state_bytes"]): r for r in sd}
-    for state in sorted({s for _, s in by}):
+    by = {(r["model"], r["d_model"], r["feature_dim"]): r for r in sd}
+    for size in sorted({(d, f) for _, d, f in by}, key=lambda s: min(r["state_bytes"] for k, r in by.items()
+                                                                    if k[1:] == s)):
         base_gap = None
         for model, text, kind in SD_CLAIMS:
-            if (model, state) in by:
-                found = _sd_check(by[(model, state)], text, kind, base_gap)
+            if (model, *size) in by:
+                found = _sd_check(by[(model, *size)], text, kind, base_gap)
                 base_gap = found if model == "based" else base_gap
                 out.append(found)
     return out
@@ -411,46 +415,52 @@ def plot_sd_panels(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> P
     return _save(fig, plt, path)
 
 
-def sd_curves(results: Iterable[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Learning curves of the SD runs that recorded them (``history[*].valid_orders``): per state size and model,
+def sd_curves(results: Iterable[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Learning curves of the SD runs that recorded them (``history[*].valid_orders``): per model size and model,
     the fixed selection's learning rate, accuracy % per order at each evaluated step, averaged over seeds.
 
-    Returns ``{state_bytes: {model: {"steps": [...], "short_first": [...], "long_first": [...]}}}``.
+    Returns ``{"d=D, f=F": {model: {"state_bytes", "steps": [...], "short_first": [...], "long_first": [...]}}}``,
+    sizes in order of state.
     """
     lrs = {(r["model"], r["state_bytes"]): r["lr"] for r in rows}
-    acc: dict[tuple[int, str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    acc: dict[tuple[int, int, str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    states: dict[tuple[int, int, str], int] = {}
     for r in results:
         key = (r.get("model"), int(r.get("state_bytes", -1)))
         if r.get("experiment") != "sd" or lrs.get(key) != r.get("lr"):
             continue
+        (d, f), model = _size(r), key[0]
+        states[(d, f, model)] = key[1]
         for h in r.get("history", []):
             for order, a in (h.get("valid_orders") or {}).items():
-                acc[(key[1], key[0], h["step"])][order].append(100 * a)
-    out: dict[int, dict[str, Any]] = defaultdict(dict)
-    for state, model, step in sorted(acc):
-        curve = out[state].setdefault(model, {"steps": [], "short_first": [], "long_first": []})
+                acc[(d, f, model, h["step"])][order].append(100 * a)
+    out: dict[str, dict[str, Any]] = {}
+    for d, f, model, step in sorted(acc, key=lambda k: (min(s for (d, f, _), s in states.items()
+                                                            if (d, f) == k[:2]), k)):
+        curve = out.setdefault(f"d={d}, f={f}", {}).setdefault(
+            model, {"state_bytes": states[(d, f, model)], "steps": [], "short_first": [], "long_first": []})
         curve["steps"].append(step)
         for order in ("short_first", "long_first"):
-            vals = acc[(state, model, step)].get(order, [])
+            vals = acc[(d, f, model, step)].get(order, [])
             curve[order].append(round(sum(vals) / len(vals), 2) if vals else float("nan"))
-    return dict(out)
+    return out
 
 
-def plot_sd_curves(curves: dict[int, dict[str, Any]], path: str | os.PathLike) -> Path:
-    """SD learning curves: one panel per state size, accuracy per order against training steps (solid: short set
+def plot_sd_curves(curves: dict[str, dict[str, Any]], path: str | os.PathLike) -> Path:
+    """SD learning curves: one panel per model size, accuracy per order against training steps (solid: short set
     first, dashed: long set first), one colour per model. PNG."""
     plt = _pyplot()
-    states = sorted(curves)
-    fig, axes = plt.subplots(1, len(states), figsize=(5.2 * len(states), 4.2), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.6 * len(curves), 4.4), dpi=100, squeeze=False)
     colours = {m: f"C{i}" for i, m in enumerate(sorted({m for c in curves.values() for m in c}))}
-    for ax, state in zip(axes[0], states):
-        for model, c in sorted(curves[state].items()):
-            ax.plot(c["steps"], c["short_first"], color=colours[model], label=f"{model}: short first")
-            ax.plot(c["steps"], c["long_first"], color=colours[model], ls="--", label=f"{model}: long first")
-        ax.set(title=f"state {state:,} B", xlabel="training step", ylim=(-2, 102))
+    for ax, (size, models) in zip(axes[0], curves.items()):
+        for model, c in sorted(models.items()):
+            label = f"{model} ({c['state_bytes']:,} B)"
+            ax.plot(c["steps"], c["short_first"], color=colours[model], label=f"{label}: short first")
+            ax.plot(c["steps"], c["long_first"], color=colours[model], ls="--", label=f"{label}: long first")
+        ax.set(title=size, xlabel="training step", ylim=(-2, 102))
         ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
     axes[0][0].set_ylabel("held-out accuracy (%)")
-    axes[0][-1].legend(fontsize=7)
     return _save(fig, plt, path)
 
 

@@ -214,11 +214,8 @@ def train_run(
     (``num_valid`` examples each): the learning curve.
 
     Args:
-        cfg: the run.
-        device: ``"cpu"`` (default), ``"cuda"`` or ``"auto"``.
-        threads: ``torch.set_num_threads`` for this run (None leaves it alone).
-        progress: show a tqdm bar over steps.
-        log: optional callback for one-line messages.
+        cfg: the run; device: ``"cpu"`` (default), ``"cuda"`` or ``"auto"``; threads: ``torch.set_num_threads``
+        for this run (None leaves it alone); progress: a tqdm bar over steps; log: one-line messages.
 
     Returns:
         A JSON-ready dict: ``run_id``, ``config``, ``experiment``, ``model``, ``order`` (``once``/``twice``),
@@ -229,16 +226,55 @@ def train_run(
         evaluation: ``step``, ``loss`` and ``valid_accuracy`` or ``valid_orders`` {order: accuracy}).
     """
     from jrt.synthetics.models import build_lab_model
-    from jrt.training.optim import WarmupCosineSchedule, adamw
 
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
     dev = resolve_device(device)
-    tr = cfg.train
     torch.manual_seed(cfg.seed)
     t0, c0 = time.perf_counter(), time.process_time()
     data = _run_data(cfg)
     model = build_lab_model(cfg.model, vocab_size=cfg.task.vocab_size, seq_len=cfg.task.seq_len).to(dev)
+    eval_bs = max(cfg.train.batch_size, 256)
+    fit = _fit(cfg, model, data, dev, eval_bs, progress)
+    if fit.selection.best_state is not None:
+        model.load_state_dict(fit.selection.best_state)
+    groups = _score(model, data.test_groups, eval_bs, dev, cfg.experiment)
+    test_acc = sum(g["hits"] for g in groups) / max(1, sum(g["n"] for g in groups))
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    if log is not None:
+        log(f"{cfg.describe()}: test accuracy {test_acc:.3f} after {fit.steps} steps ({fit.stopped}, "
+            f"{seconds:.1f} s)")
+    keep_best = cfg.train.keep_best
+    return {
+        "run_id": cfg.run_id(), "experiment": cfg.experiment, "model": cfg.model_name,
+        "order": cfg.task.order_label, "style": cfg.model.style, "lr": cfg.train.lr, "seed": cfg.seed,
+        "config": cfg.to_dict(), "state_bytes": int(model.state_size_bytes(cfg.task.seq_len)),
+        "num_params": int(sum(p.numel() for p in model.parameters())), "groups": groups,
+        "accuracy": round(test_acc, 5),
+        "best_valid_accuracy": round(fit.selection.best_acc, 5) if keep_best else None,
+        "best_step": fit.selection.best_step if keep_best else fit.steps, "steps": fit.steps,
+        "steps_per_epoch": fit.steps_per_epoch, "stopped": fit.stopped, "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2), "device": str(dev), "history": fit.history,
+    }
+
+
+@dataclass
+class _Fit:
+    """What the training loop hands back: the history, why and when it stopped, the model selection."""
+
+    history: list[dict[str, Any]]
+    stopped: str
+    steps: int
+    steps_per_epoch: int
+    selection: _Selection
+
+
+def _fit(cfg: RunConfig, model: torch.nn.Module, data: _RunData, dev: torch.device, eval_bs: int,
+         progress: bool) -> _Fit:
+    """The training loop: epochs over the pools, an evaluation every ``eval_every`` steps (and at the end)."""
+    from jrt.training.optim import WarmupCosineSchedule, adamw
+
+    tr = cfg.train
     opt = adamw(model, tr.lr, tr.weight_decay, tuple(tr.betas), grouped=tr.grouped_decay, decay_embeddings=False)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(cfg.seed + 17)
@@ -247,14 +283,13 @@ def train_run(
         opt, tr.lr, tr.lr * tr.min_lr_ratio, tr.warmup_steps, tr.max_steps,
         steps_per_epoch=steps_per_epoch if tr.schedule == "epoch_cosine" else None,
     )
-    eval_bs = max(tr.batch_size, 256)
-    selection = _Selection(tr)
-    history: list[dict[str, Any]] = []
-    stopped, step, running_loss = "max_steps", 0, 0.0
+    fit = _Fit([], "max_steps", 0, steps_per_epoch, _Selection(tr))
+    running_loss = 0.0
     batches: list[tuple[int, torch.Tensor]] = []
     bar = tqdm(total=tr.max_steps, desc=cfg.describe(), disable=not progress, leave=False, dynamic_ncols=True)
     model.train()
     for step in range(1, tr.max_steps + 1):
+        fit.steps = step
         schedule.apply(step - 1)
         if not batches:
             batches = epoch_batches(data.pools, tr.batch_size, gen)
@@ -265,36 +300,19 @@ def train_run(
         if step % tr.eval_every and step != tr.max_steps:
             continue
         entry: dict[str, Any] = {"step": step, "loss": round(running_loss, 5)}
-        history.append(entry)
+        fit.history.append(entry)
         if data.curve_groups:
             entry["valid_orders"] = _order_accuracies(data.curve_groups, model, eval_bs, dev)
             bar.set_postfix(loss=f"{running_loss:.3f}", **entry["valid_orders"])
         if tr.keep_best:
             entry["valid_accuracy"] = round(_pooled_accuracy(data.valid_pools, model, eval_bs, dev), 5)
             bar.set_postfix(loss=f"{running_loss:.3f}", valid=f"{entry['valid_accuracy']:.3f}")
-            reason = selection.update(entry["valid_accuracy"], step, model)
+            reason = fit.selection.update(entry["valid_accuracy"], step, model)
             if reason is not None:
-                stopped = reason
+                fit.stopped = reason
                 break
     bar.close()
-    if selection.best_state is not None:
-        model.load_state_dict(selection.best_state)
-    groups = _score(model, data.test_groups, eval_bs, dev, cfg.experiment)
-    test_acc = sum(g["hits"] for g in groups) / max(1, sum(g["n"] for g in groups))
-    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    if log is not None:
-        log(f"{cfg.describe()}: test accuracy {test_acc:.3f} after {step} steps ({stopped}, {seconds:.1f} s)")
-    return {
-        "run_id": cfg.run_id(), "experiment": cfg.experiment, "model": cfg.model_name,
-        "order": cfg.task.order_label, "style": cfg.model.style, "lr": tr.lr, "seed": cfg.seed,
-        "config": cfg.to_dict(), "state_bytes": int(model.state_size_bytes(cfg.task.seq_len)),
-        "num_params": int(sum(p.numel() for p in model.parameters())), "groups": groups,
-        "accuracy": round(test_acc, 5),
-        "best_valid_accuracy": round(selection.best_acc, 5) if tr.keep_best else None,
-        "best_step": selection.best_step if tr.keep_best else step, "steps": step,
-        "steps_per_epoch": steps_per_epoch, "stopped": stopped, "seconds": round(seconds, 2),
-        "cpu_seconds": round(cpu_seconds, 2), "device": str(dev), "history": history,
-    }
+    return fit
 
 
 # --------------------------------------------------------------------------------------------------
@@ -383,17 +401,28 @@ def _run_processes(
     todo: Iterable[RunConfig], workers: int, device: str, threads: int | None,
     finish: Callable[[dict[str, Any]], None],
 ) -> None:
-    ctx = get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    try:
         pending: set[Future] = {pool.submit(_worker, cfg.to_dict(), device, threads) for cfg in todo}
-        try:
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    finish(fut.result())
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                finish(fut.result())
+    except BaseException:
+        _terminate(pool)  # an interrupt (SIGINT, or SIGTERM through the CLI) or a failed run: stop now
+        raise
+    pool.shutdown(wait=True)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Stop a process pool at once: cancel what has not started and kill the workers running a run (a run's
+    result is only written when it ends, so nothing finished is lost)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        proc.terminate()
+    for proc in processes:
+        proc.join(timeout=10)
 
 
 def _run_ray(
@@ -414,10 +443,15 @@ def _run_ray(
         num_gpus = 1 if device.startswith("cuda") else 0
         remote = ray.remote(num_cpus=threads or 1, num_gpus=num_gpus)(_worker)
         pending = [remote.remote(cfg.to_dict(), device, threads) for cfg in todo]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                finish(ray.get(ref))
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                for ref in ready:
+                    finish(ray.get(ref))
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
     finally:
         if started_here:
             ray.shutdown()

@@ -31,7 +31,7 @@ import triton
 from jrt.ops.common import prefix_positions
 from jrt.ops.feature_map import feature_dim
 from jrt.ops.triton import _backward_kernels as kernels
-from jrt.ops.triton._common import MAX_FEATURE_DIM, block_k, encoder_state, keep_bytes, lowp_flags
+from jrt.ops.triton._common import MAX_FEATURE_DIM, OpSpec, block_k, encoder_state, keep_bytes, lowp_flags
 
 #: Environment variable: ``kernel`` (default) runs the Triton backward kernels, ``recompute`` the fallback.
 BACKWARD_ENV = "JRT_TRITON_BACKWARD"
@@ -63,7 +63,7 @@ def _float32(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def backward(
-    spec: dict,
+    spec: OpSpec,
     saved: tuple[torch.Tensor | None, ...],
     grads: tuple[torch.Tensor | None, ...],
     needs: tuple[bool, ...],
@@ -92,21 +92,21 @@ def backward(
     nv = triton.cdiv(dv_dim, bv)
     lowp, lowp_bf16 = lowp_flags(q, k, v)
     scale = f**-0.25
-    keep8 = keep_bytes(spec["mask"], device)
+    keep8 = keep_bytes(spec.mask, device)
 
     # the initial state of the causal pass: the given one, plus the encoder state for prefix attention
     init = None if s0 is None else (_float32(s0), _float32(z0))
     in_prefix = None
-    if spec["prefix"]:
+    if spec.prefix:
         ke, ve = (x.float() if x.dtype == torch.float64 else x for x in (ke_in, ve_in))
-        in_prefix = prefix_positions(spec["prefix_lengths"], t, spec["mask"])
+        in_prefix = prefix_positions(spec.prefix_lengths, t, spec.mask)
         enc_s, enc_z = encoder_state(ke, ve, in_prefix, None)
         init = (enc_s, enc_z) if init is None else (enc_s + init[0], enc_z + init[1])
         init = (init[0].contiguous(), init[1].contiguous())
 
     do = grads[0] if grads[0] is not None else torch.zeros_like(o)
     delta = (do.float() * o.float()).sum(-1).contiguous()  # [B, T, H]
-    final = grads[1:] if spec["output_final_state"] else ()
+    final = grads[1:] if spec.output_final_state else ()
     ds_t = _float32(final[0]) if final and final[0] is not None else None
     dz_t = _float32(final[1]) if final and final[1] is not None else None
     if (ds_t is None) != (dz_t is None):
@@ -122,12 +122,12 @@ def backward(
         init[0] if init is not None else dummy, init[1] if init is not None else dummy, den, dq_part,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(),
         t, h, f, dv_dim, b * t * h * f,
-        scale, float(spec["eps"]),
+        scale, float(spec.eps),
         BT=bt, BK=bk, BV=bv, HAS_KEEP=keep8 is not None, HAS_INIT=init is not None, LOWP=lowp,
         LOWP_BF16=lowp_bf16, **extra,
     )
 
-    want_init = (s0 is not None and (needs[5] or needs[6])) or (spec["prefix"] and (needs[3] or needs[4]))
+    want_init = (s0 is not None and (needs[5] or needs[6])) or (spec.prefix and (needs[3] or needs[4]))
     dk_part = torch.empty(nv, b, t, h, f, device=device, dtype=torch.float32)
     dv = torch.empty(b, t, h, dv_dim, device=device, dtype=torch.float32)
     ds0 = torch.empty(b, h, d, dv_dim, device=device, dtype=torch.float32) if want_init else None
@@ -144,7 +144,7 @@ def backward(
     )
 
     dk_enc = dv_enc = None
-    if spec["prefix"] and (needs[3] or needs[4]):
+    if spec.prefix and (needs[3] or needs[4]):
         dk_enc_part = torch.zeros(nv, b, t, h, f, device=device, dtype=torch.float32)
         dv_enc = torch.zeros(b, t, h, dv_dim, device=device, dtype=torch.float32)
         hit = in_prefix.any(dim=0).nonzero()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -16,6 +17,24 @@ import triton
 from jrt.ops.common import State
 from jrt.ops.feature_map import feature_dim
 from jrt.ops.triton import _kernels
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """The options of one Triton operator call that its forward hands to its backward.
+
+    ``prefix``: prefix linear attention (else causal linear attention); ``mask``: ``[B, T]`` bool or None;
+    ``prefix_lengths``: long ``[B]`` (prefix only, else None); ``output_final_state``, ``eps``, ``num_segments``:
+    as the public functions take them.
+    """
+
+    prefix: bool
+    mask: torch.Tensor | None
+    output_final_state: bool
+    eps: float
+    num_segments: int | None
+    prefix_lengths: torch.Tensor | None = None
+
 
 #: Largest feature dimension the kernels accept (the state block ``[BK*BK, BV]`` lives in registers).
 MAX_FEATURE_DIM = 32

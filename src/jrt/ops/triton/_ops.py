@@ -13,6 +13,7 @@ from jrt.ops.common import State, prefix_positions
 from jrt.ops.feature_map import feature_dim
 from jrt.ops.triton import _backward, _kernels
 from jrt.ops.triton._common import (
+    OpSpec,
     block_k,
     chunk_states,
     encoder_state,
@@ -118,15 +119,15 @@ class _TritonAutograd(torch.autograd.Function):
     ``$JRT_TRITON_BACKWARD`` not ``recompute``), else by recomputing through the chunked PyTorch form."""
 
     @staticmethod
-    def forward(ctx, spec: dict, q, k, v, k_enc, v_enc, s0, z0):  # type: ignore[override]
+    def forward(ctx, spec: OpSpec, q, k, v, k_enc, v_enc, s0, z0):  # type: ignore[override]
         ctx.spec = spec
         init = None if s0 is None else (s0, z0)
-        if spec["prefix"]:
-            o, state = _prefix_forward(q, k, v, k_enc, v_enc, spec["prefix_lengths"], spec["mask"], init,
-                                       spec["output_final_state"], spec["eps"], spec["num_segments"])
+        if spec.prefix:
+            o, state = _prefix_forward(q, k, v, k_enc, v_enc, spec.prefix_lengths, spec.mask, init,
+                                       spec.output_final_state, spec.eps, spec.num_segments)
         else:
-            o, state = _linear_forward(q, k, v, spec["mask"], init, spec["output_final_state"], spec["eps"],
-                                       spec["num_segments"])
+            o, state = _linear_forward(q, k, v, spec.mask, init, spec.output_final_state, spec.eps,
+                                       spec.num_segments)
         ctx.save_for_backward(q, k, v, k_enc, v_enc, s0, z0, o)
         if state is None:
             return o
@@ -146,8 +147,8 @@ class _TritonAutograd(torch.autograd.Function):
             ]
             q, k, v, k_enc, v_enc, s0, z0 = inputs
             init = None if s0 is None else (s0, z0)
-            encoder = (k_enc, v_enc, spec["prefix_lengths"]) if spec["prefix"] else None
-            o, state = _CHUNK_FORM(q, k, v, spec["mask"], init, encoder, spec["eps"], spec["output_final_state"])
+            encoder = (k_enc, v_enc, spec.prefix_lengths) if spec.prefix else None
+            o, state = _CHUNK_FORM(q, k, v, spec.mask, init, encoder, spec.eps, spec.output_final_state)
             outputs = [o] if state is None else [o, state[0], state[1]]
             pairs = [(out, g) for out, g in zip(outputs, grads) if g is not None]
             wanted = [x for x, need in zip(inputs, needs) if need and x is not None]
@@ -219,8 +220,8 @@ def linear_attention(
     if attention_mask is not None:
         attention_mask = attention_mask.to(device=q.device, dtype=torch.bool)
     init = None if initial_state is None else (initial_state[0].float(), initial_state[1].float())
-    spec = dict(prefix=False, mask=attention_mask, output_final_state=output_final_state, eps=eps,
-                num_segments=num_segments)
+    spec = OpSpec(prefix=False, mask=attention_mask, output_final_state=output_final_state, eps=eps,
+                  num_segments=num_segments)
     if _needs_autograd(q, k, v, *(initial_state or ())):
         s0, z0 = initial_state if initial_state is not None else (None, None)
         return _finish(_TritonAutograd.apply(spec, q, k, v, None, None, s0, z0), v, output_final_state)
@@ -260,8 +261,8 @@ def prefix_linear_attention(
     if attention_mask is not None:
         attention_mask = attention_mask.to(device=q.device, dtype=torch.bool)
     init = None if initial_state is None else (initial_state[0].float(), initial_state[1].float())
-    spec = dict(prefix=True, mask=attention_mask, prefix_lengths=prefix_lengths,
-                output_final_state=output_final_state, eps=eps, num_segments=num_segments)
+    spec = OpSpec(prefix=True, mask=attention_mask, prefix_lengths=prefix_lengths,
+                  output_final_state=output_final_state, eps=eps, num_segments=num_segments)
     if _needs_autograd(q, k, v, k_enc, v_enc, *(initial_state or ())):
         s0, z0 = initial_state if initial_state is not None else (None, None)
         return _finish(_TritonAutograd.apply(spec, q, k, v, k_enc, v_enc, s0, z0), v, output_final_state)
