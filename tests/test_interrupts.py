@@ -45,8 +45,17 @@ def test_a_signal_stops_the_worker_pool_and_keeps_finished_runs(tmp_path, sig):
                "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')", str(script),
                str(results)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        _interrupt_and_check(proc, results, sig)
+    finally:  # never leave the endless runs behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _interrupt_and_check(proc: subprocess.Popen, results, sig: int) -> None:
+    deadline = time.monotonic() + 300
     while not (results.exists() and results.read_text().strip()):  # the quick run has finished
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline, "the first run never finished"
