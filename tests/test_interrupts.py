@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc (Linux)")
+
 SCRIPT = textwrap.dedent(
     """
     import sys
@@ -30,8 +32,16 @@ SCRIPT = textwrap.dedent(
 
 
 def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    """Child processes of ``pid``, from /proc (field 4 of /proc/N/stat is the parent)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -54,6 +64,13 @@ def test_a_signal_stops_the_worker_pool_and_keeps_finished_runs(tmp_path, sig):
             proc.wait()
 
 
+def _running(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _interrupt_and_check(proc: subprocess.Popen, results, sig: int) -> None:
     deadline = time.monotonic() + 300
     while not (results.exists() and results.read_text().strip()):  # the quick run has finished
@@ -69,7 +86,6 @@ def _interrupt_and_check(proc: subprocess.Popen, results, sig: int) -> None:
     assert time.monotonic() - t0 < 30
     assert proc.returncode != 0
     time.sleep(0.5)
-    alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
-             "Z" not in open(f"/proc/{pid}/stat").read().split()[2]]
+    alive = [pid for pid in workers if _running(pid)]
     assert not alive, f"workers still running: {alive}"
     assert len(results.read_text().strip().splitlines()) == 1  # the finished run is kept, nothing else written
