@@ -493,6 +493,22 @@ def test_sd_learning_curves_are_summarised_and_plotted(tmp_path):
     assert "sd_curves.png" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.parametrize("read_twice", [False, True])
+def test_sd_prediction_sets_say_which_set_an_answer_comes_from(read_twice):
+    from jrt.synthetics.data import sd_prediction_sets
+
+    batch = D.make_sd(3, 2, 5, 40, read_twice=read_twice, seed=4)
+    ids = batch.input_ids
+    a, b = ids[:, 1:3], ids[:, 4:9]  # [1] a a [2] b b b b b ...
+    only_a = torch.tensor([next(int(t) for t in a[i] if t not in b[i]) for i in range(3)])
+    only_b = torch.tensor([next(int(t) for t in b[i] if t not in a[i]) for i in range(3)])
+    outside = torch.full((3,), D.SEP_QUERY)
+    for pred, expect in ((batch.labels[:, -1], (True, True)), (only_a, (True, False)), (only_b, (False, True)),
+                         (outside, (False, False))):
+        in_first, in_second = sd_prediction_sets(ids, pred)
+        assert in_first.tolist() == [expect[0]] * 3 and in_second.tolist() == [expect[1]] * 3
+
+
 def test_trainer_records_per_order_learning_curves():
     sd = SDTask(pairs=((2, 3),), test_pairs=((2, 3),), vocab_size=24)
     tr = TrainSpec.authors(lr=5e-3, max_steps=4, num_train=16, num_test=8, eval_every=2)

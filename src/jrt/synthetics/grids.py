@@ -68,7 +68,6 @@ class GridPlan:
     sd_epochs: int | None  # the run length in epochs, or
     sd_steps: int | None  # in steps
     sd_style: str = "authors"
-    sd_schedule: str = "epoch_cosine"  # the authors' (cosine stepped per epoch) or "warmup_cosine" (per step)
     sd_curve_points: int = 0  # learning-curve evaluations per run (0: the final model only)
     sd_num_valid: int = 0  # held-out examples per test pair and order for each curve point
 
@@ -147,8 +146,6 @@ def sd_grid(plan: GridPlan) -> Grid:
                                       eval_every=steps // plan.sd_curve_points if plan.sd_curve_points else None)
             if plan.sd_curve_points:
                 train = replace(train, num_valid=plan.sd_num_valid)
-            if plan.sd_schedule != train.schedule:
-                train = replace(train, schedule=plan.sd_schedule)
             for d, f in plan.sd_sizes:
                 for name in plan.sd_models:
                     arch, twice = SD_MODELS[name]

@@ -153,7 +153,7 @@ def _fmt_ci(lo: float, hi: float) -> str:
 def checks(mqar: Sequence[dict[str, Any]], sd: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The expected outcomes, each with its numbers, a 95% interval and a verdict (``held``, ``not shown``,
     ``reversed`` or ``inconclusive``), all computed from the rows. ``source`` says whose claim it is: ``paper``
-    (set disjointness: the order effect and its two remedies, at every state size of the run) or ``extension``
+    (set disjointness: the order effect and its two remedies, at every model size of the run) or ``extension``
     (MQAR with read-twice input and JRT-RNN: this project's own question, not a claim of the paper)."""
     return _mqar_checks(mqar) + _sd_checks(sd)
 
@@ -221,14 +221,22 @@ def _sd_check(r: dict[str, Any], text: str, kind: str, base_gap: dict[str, Any] 
     }
 
 
+def _sizes_by_state(rows: Iterable[dict[str, Any]]) -> list[tuple[int, int]]:
+    """The model sizes ``(d_model, feature_dim)`` of SD rows, smallest state first."""
+    smallest: dict[tuple[int, int], int] = {}
+    for r in rows:
+        size = (int(r["d_model"]), int(r["feature_dim"]))
+        smallest[size] = min(smallest.get(size, r["state_bytes"]), r["state_bytes"])
+    return sorted(smallest, key=lambda size: (smallest[size], size))
+
+
 def _sd_checks(sd: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The SD claims per model size (d_model, f): the models of one size share their linear-attention state
     (their convolutions may differ by a few hundred bytes), and each remedy is judged against causal Based's
     gap at the same size."""
     out: list[dict[str, Any]] = []
     by = {(r["model"], r["d_model"], r["feature_dim"]): r for r in sd}
-    for size in sorted({(d, f) for _, d, f in by}, key=lambda s: min(r["state_bytes"] for k, r in by.items()
-                                                                    if k[1:] == s)):
+    for size in _sizes_by_state(sd):
         base_gap = None
         for model, text, kind in SD_CLAIMS:
             if (model, *size) in by:
@@ -434,9 +442,9 @@ def sd_curves(results: Iterable[dict[str, Any]], rows: Sequence[dict[str, Any]])
         for h in r.get("history", []):
             for order, a in (h.get("valid_orders") or {}).items():
                 acc[(d, f, model, h["step"])][order].append(100 * a)
+    rank = {size: i for i, size in enumerate(_sizes_by_state(rows))}
     out: dict[str, dict[str, Any]] = {}
-    for d, f, model, step in sorted(acc, key=lambda k: (min(s for (d, f, _), s in states.items()
-                                                            if (d, f) == k[:2]), k)):
+    for d, f, model, step in sorted(acc, key=lambda k: (rank.get(k[:2], len(rank)), k)):
         curve = out.setdefault(f"d={d}, f={f}", {}).setdefault(
             model, {"state_bytes": states[(d, f, model)], "steps": [], "short_first": [], "long_first": []})
         curve["steps"].append(step)

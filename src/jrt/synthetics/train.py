@@ -170,30 +170,35 @@ def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Synth
 
 
 @torch.no_grad()
-def sd_answer_sources(model: torch.nn.Module, data: SyntheticBatch, batch_size: int,
-                      device: torch.device) -> tuple[int, int]:
-    """How many of the model's SD answers are tokens of the first set read, and of the second (the right answer
-    is in both): a model that only guesses among the short set scores about ``1/|short|`` in either order."""
+def _sd_counts(model: torch.nn.Module, data: SyntheticBatch, batch_size: int,
+               device: torch.device) -> tuple[int, int, int, int]:
+    """One pass over SD sequences: ``(correct, labelled, answers in the first set, answers in the second)``. The
+    right answer is in both sets; a model that only guesses among the short set scores about ``1/|short|``."""
     was_training = model.training
     model.eval()
-    first = second = 0
+    hits = total = first = second = 0
     for start in range(0, len(data), batch_size):
         chunk = data.slice(start, start + batch_size).to(device)
-        pred = _forward(model, chunk)[:, -1].argmax(dim=-1)
-        in_first, in_second = sd_prediction_sets(chunk.input_ids, pred)
+        logits = _forward(model, chunk)
+        _, h, n = masked_loss_and_hits(logits, chunk.labels)
+        in_first, in_second = sd_prediction_sets(chunk.input_ids, logits[:, -1].argmax(dim=-1))
+        hits, total = hits + h, total + n
         first, second = first + int(in_first.sum()), second + int(in_second.sum())
     model.train(was_training)
-    return first, second
+    return hits, total, first, second
 
 
 def _score(model: torch.nn.Module, groups: Sequence[tuple[dict[str, Any], SyntheticBatch]], batch_size: int,
            device: torch.device, experiment: str) -> list[dict[str, Any]]:
     out = []
     for meta, data in groups:
-        hits, n = evaluate(model, data, batch_size, device)
-        out.append({**meta, "hits": hits, "n": n, "accuracy": round(hits / max(1, n), 5)})
         if experiment == "sd" and meta["pair"] is not None:
-            out[-1]["in_first"], out[-1]["in_second"] = sd_answer_sources(model, data, batch_size, device)
+            hits, n, in_first, in_second = _sd_counts(model, data, batch_size, device)
+            out.append({**meta, "hits": hits, "n": n, "in_first": in_first, "in_second": in_second})
+        else:
+            hits, n = evaluate(model, data, batch_size, device)
+            out.append({**meta, "hits": hits, "n": n})
+        out[-1]["accuracy"] = round(hits / max(1, n), 5)
     return out
 
 
